@@ -1,0 +1,1 @@
+"""Code that reads and writes data: fastMRI files, synthetic scans, training sets."""
