@@ -1,0 +1,71 @@
+"""Centred orthonormal 2-D Fourier transforms and the real <-> complex channel convention.
+
+The transform is fastMRI's ``fft2c`` / ``ifft2c`` and deepinv's MRI convention: k-space has its DC
+component at index ``(H // 2, W // 2)`` and the transform is unitary, so ``||F x|| = ||x||`` and
+``F^H = F^-1``:
+
+    F x = fftshift(fft2(ifftshift(x), norm="ortho")),   F^H k = fftshift(ifft2(ifftshift(k), norm="ortho")).
+
+Samplers work on real tensors; a complex image is stored as two channels ``(B, 2, ...)`` (real,
+imaginary). :func:`real_to_complex` and :func:`complex_to_real` convert without changing precision
+(float32 <-> complex64, float64 <-> complex128).
+
+    >>> k = fft2c(real_to_complex(x))          # x: (B, 2, H, W) float32 -> k: (B, H, W) complex64
+    >>> x_back = complex_to_real(ifft2c(k))    # (B, 2, H, W) float32, equal to x up to rounding
+"""
+from __future__ import annotations
+
+import torch
+
+_FFT_DIMS = (-2, -1)
+
+_COMPLEX_OF_REAL = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def fft2c(image: torch.Tensor) -> torch.Tensor:
+    """Centred unitary 2-D DFT over the last two axes, ``k = fftshift(fft2(ifftshift(x)))``.
+
+    image: complex ``(..., H, W)``; returns complex k-space of the same shape and dtype.
+    """
+    _require_complex("image", image)
+    shifted = torch.fft.ifftshift(image, dim=_FFT_DIMS)
+    return torch.fft.fftshift(torch.fft.fft2(shifted, dim=_FFT_DIMS, norm="ortho"), dim=_FFT_DIMS)
+
+
+def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
+    """Centred unitary inverse 2-D DFT (the adjoint of :func:`fft2c`), ``x = fftshift(ifft2(ifftshift(k)))``.
+
+    kspace: complex ``(..., H, W)``; returns a complex image of the same shape and dtype.
+    """
+    _require_complex("kspace", kspace)
+    shifted = torch.fft.ifftshift(kspace, dim=_FFT_DIMS)
+    return torch.fft.fftshift(torch.fft.ifft2(shifted, dim=_FFT_DIMS, norm="ortho"), dim=_FFT_DIMS)
+
+
+def complex_dtype(real_dtype: torch.dtype) -> torch.dtype:
+    """The complex dtype with the precision of ``real_dtype``: float32 -> complex64, float64 -> complex128."""
+    try:
+        return _COMPLEX_OF_REAL[real_dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be float32 or float64 for complex MRI data, got {real_dtype}") from None
+
+
+def real_to_complex(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, ...)`` real (real, imaginary channels) -> ``(B, ...)`` complex of matching precision."""
+    if x.is_complex() or x.ndim < 2 or x.shape[1] != 2:
+        raise ValueError(f"x must be a real tensor (B, 2, ...) with (real, imag) channels, "
+                         f"got {'complex ' if x.is_complex() else ''}shape {tuple(x.shape)}")
+    complex_dtype(x.dtype)  # rejects float16 / bfloat16 / integers with a clear message
+    return torch.complex(x[:, 0], x[:, 1])
+
+
+def complex_to_real(z: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` complex -> ``(B, 2, ...)`` real with (real, imaginary) channels of matching precision."""
+    _require_complex("z", z)
+    return torch.stack((z.real, z.imag), dim=1)
+
+
+def _require_complex(name: str, t: torch.Tensor) -> None:
+    if not t.is_complex():
+        raise ValueError(f"{name} must be a complex tensor, got dtype {t.dtype}; "
+                         f"use real_to_complex for (B, 2, ...) real/imag tensors")
