@@ -1,0 +1,671 @@
+"""Offline training data for the shipped priors: endless, seeded batches ``(B, C, size, size)`` float32.
+
+A source is an object with ``batch(generator) -> (B, C, size, size)`` that draws *all* of its randomness
+from the ``torch.Generator`` it is given, so a training run is reproduced (and resumed bit for bit) from
+the generator's state alone. ``source.batches(generator)`` is the same thing as an infinite iterator.
+
+Sources (``make_source(spec, channels=, size=, batch=)``):
+
+- ``mni-brain``: slices of the MNI152 2009a template (T1 + grey/white-matter probability maps) that ship
+  inside the nilearn wheel, in all three orientations; real T1 slices mixed with synthesised contrasts
+  (T1-, T2-, PD-, FLAIR-, EPI-like and random intensities per tissue), synthetic skull and scalp, bias
+  fields, lower resolution, flips, rotations, scalings and elastic warps. ``channels=2`` multiplies the
+  magnitude by a smooth random phase and returns (real, imag).
+- ``ct-phantoms``: procedural CT-like phantoms (body outline with a fat layer, lungs, organs, bones,
+  small high-contrast details, smooth texture), attenuation mapped from [-1000, 1000] HU to [0, 1].
+- ``folder:PATH``: PNG/JPEG/NPY images or NIfTI volumes (2-D slices) under PATH, random crops.
+- ``fastmri:PATH``: fastMRI h5 files under PATH: ``reconstruction_rss`` / ``reconstruction_esc`` targets
+  or, when absent, the RSS of the centred orthonormal inverse FFT of ``kspace``.
+
+Normalisation (:data:`PERCENTILE_NORMALISATION`): MR images are divided by :func:`reference_scale`, the
+99.5th percentile of the magnitude of the *whole slice* (background included), before cropping, so a
+solver that divides a scan by ``reference_scale`` of its zero-filled / reference magnitude shows the prior
+images on the scale it was trained on. CT phantoms are on a fixed scale (:data:`CT_NORMALISATION`).
+
+The held-out test images (dipy's ``t1_coronal_slice.npy``, nibabel's ``example4d.nii.gz``) are never read.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PERCENTILE_NORMALISATION = {
+    "kind": "percentile", "q": 99.5,
+    "description": "each full slice divided by the 99.5th percentile of its magnitude (background included) "
+                   "before cropping; use invdiff.datasets.training.reference_scale(magnitude, q=99.5)",
+}
+CT_NORMALISATION = {
+    "kind": "fixed", "hu_range": [-1000.0, 1000.0],
+    "description": "value = (HU + 1000) / 2000 clipped to [0, 1]: air 0, water 0.5, dense bone ~1",
+}
+HELD_OUT_FILES = ("t1_coronal_slice.npy", "example4d.nii.gz")
+MNI_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def reference_scale(magnitude: torch.Tensor, q: float = 99.5) -> torch.Tensor:
+    """``s = percentile_q(|x|)`` over the last two dims: (..., H, W) -> (...) float, floored at 1e-12.
+
+    The single normalisation rule shared by training (each full slice is divided by it) and the solvers.
+    """
+    if magnitude.ndim < 2:
+        raise ValueError(f"reference_scale expects (..., H, W), got shape {tuple(magnitude.shape)}")
+    flat = magnitude.abs().reshape(*magnitude.shape[:-2], -1).float()
+    return torch.quantile(flat, q / 100.0, dim=-1).clamp_min(1e-12)
+
+
+def _check_not_held_out(path) -> None:
+    if Path(path).name in HELD_OUT_FILES:
+        raise ValueError(f"{path} is a held-out test image ({', '.join(HELD_OUT_FILES)}); never train on it")
+
+
+class TrainingSource:
+    """Base class: ``batch(generator)`` -> (B, C, size, size) float32; metadata for the exported prior."""
+
+    name = "source"
+    normalisation: dict = PERCENTILE_NORMALISATION
+
+    def __init__(self, *, channels: int, size: int, batch: int):
+        if size < 8 or batch < 1:
+            raise ValueError(f"{self.name}: need size >= 8 and batch >= 1, got size={size}, batch={batch}")
+        self.channels, self.size, self.batch_size = channels, size, batch
+
+    def batch(self, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        while True:
+            yield self.batch(generator)
+
+    def metadata(self) -> dict:
+        return {"data": self.name, "channels": self.channels, "size": self.size, "normalisation": self.normalisation}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _uniform(generator, shape, low, high) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator)
+
+
+def _smooth_field(generator, batch: int, size: tuple[int, int], nodes: int = 5) -> torch.Tensor:
+    """Low-pass N(0, 1) random field (B, 1, H, W): a ``nodes x nodes`` Gaussian grid upsampled bicubically."""
+    coarse = torch.randn(batch, 1, nodes, nodes, generator=generator)
+    if min(size) <= 8 * nodes:
+        return F.interpolate(coarse, size=size, mode="bicubic", align_corners=True)
+    # Bicubic to a quarter of the size, then bilinear: indistinguishable for a field this smooth, 5x cheaper.
+    quarter = F.interpolate(coarse, size=(size[0] // 4, size[1] // 4), mode="bicubic", align_corners=True)
+    return F.interpolate(quarter, size=size, mode="bilinear", align_corners=True)
+
+
+def _sample_field_at(coarse: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Evaluate a coarse field (B, 1, n, n) spanning [-1, 1]^2 at normalised points grid (B, h, w, 2) -> (B, 1, h, w)."""
+    return F.grid_sample(coarse, grid, mode="bicubic", padding_mode="border", align_corners=True)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with one sigma (pixels), reflect-padded."""
+    if sigma <= 0.05:
+        return x
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    pad_h = min(radius, x.shape[-2] - 1)
+    pad_w = min(radius, x.shape[-1] - 1)
+    x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+    x = F.conv2d(x, k[radius - pad_h:radius + pad_h + 1].view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous(), groups=c)
+    x = F.conv2d(x, k[radius - pad_w:radius + pad_w + 1].view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), groups=c)
+    return x
+
+
+def _complexify(magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) magnitude and phase -> (B, 2, H, W) (real, imag) = |x| (cos phi, sin phi)."""
+    return torch.cat([magnitude * phase.cos(), magnitude * phase.sin()], dim=1)
+
+
+def _smooth_phase(generator, grid: torch.Tensor) -> torch.Tensor:
+    """A smooth random MR phase at normalised slice coordinates grid (B, h, w, 2) -> (B, 1, h, w).
+
+    Constant + linear + quadratic terms (B0 offset, shim gradients) plus a low-pass random field
+    (susceptibility), as seen in the phase of a coil-combined MR image.
+    """
+    b = grid.shape[0]
+    x, y = grid[..., 0][:, None], grid[..., 1][:, None]
+    c = torch.randn(b, 6, generator=generator)
+    c0 = _uniform(generator, (b,), -math.pi, math.pi)
+    amp = _uniform(generator, (b, 3), 0.0, 1.0) * torch.tensor([2.0, 1.0, 1.5])
+    per = lambda v: v[:, None, None, None]  # noqa: E731
+    phase = (per(c0) + per(amp[:, 0]) * (per(c[:, 0]) * x + per(c[:, 1]) * y)
+             + per(amp[:, 1]) * (per(c[:, 2]) * x * x + per(c[:, 3]) * x * y + per(c[:, 4]) * y * y))
+    coarse = torch.randn(b, 1, 6, 6, generator=generator)
+    return phase + per(amp[:, 2]) * _sample_field_at(coarse, grid)
+
+
+def _patch_grid(generator, centers: torch.Tensor, canvas: tuple[int, int], size: int,
+                *, scale_range=(0.7, 1.5), max_rotation_deg: float = 15.0, elastic_px: float = 3.0,
+                flip: bool = True) -> torch.Tensor:
+    """Sampling grid (B, size, size, 2) in grid_sample's normalised coordinates (align_corners=False).
+
+    Patch pixel (u, v) maps to canvas pixel ``center + R(theta) diag(f) (u, v) / zoom + elastic(u, v)``: a random
+    flip ``f``, rotation, log-uniform zoom and a smooth displacement of up to ``elastic_px`` canvas pixels.
+    """
+    b = centers.shape[0]
+    h, w = canvas
+    zoom = torch.exp(_uniform(generator, (b,), math.log(scale_range[0]), math.log(scale_range[1])))
+    aspect = torch.exp(_uniform(generator, (b,), -0.1, 0.1))
+    theta = _uniform(generator, (b,), -1.0, 1.0) * math.radians(max_rotation_deg)
+    flips = torch.where(torch.rand(b, 2, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(b, 2)
+    half = (size - 1) / 2
+    r = torch.arange(size, dtype=torch.float32) - half
+    v, u = torch.meshgrid(r, r, indexing="ij")                                   # (size, size)
+    su = (flips[:, 0] * aspect / zoom)[:, None, None] * u
+    sv = (flips[:, 1] / (aspect * zoom))[:, None, None] * v
+    cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
+    px = centers[:, 1, None, None] + cos * su - sin * sv
+    py = centers[:, 0, None, None] + sin * su + cos * sv
+    amplitude = _uniform(generator, (b,), 0.0, elastic_px)[:, None, None]
+    disp = torch.randn(b, 2, 4, 4, generator=generator)
+    disp = F.interpolate(disp, size=(size, size), mode="bicubic", align_corners=True)
+    px = px + amplitude * disp[:, 0]
+    py = py + amplitude * disp[:, 1]
+    return torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1)
+
+
+def _head_biased_centers(generator, weight_map: torch.Tensor, p_uniform: float = 0.1, cell: int = 4) -> torch.Tensor:
+    """Crop centres (B, 2) (row, col) in canvas pixels: drawn from ``weight_map`` (B, H, W) >= 0, or uniform.
+
+    The draw is over ``cell x cell`` blocks (average weight) with a uniform position inside the block: the
+    same distribution at block resolution, at 1/cell^2 of the cost.
+    """
+    b, h, w = weight_map.shape
+    coarse = F.avg_pool2d(weight_map[:, None], cell, ceil_mode=True)[:, 0]
+    wc = coarse.shape[-1]
+    weights = coarse.reshape(b, -1).clamp_min(0) + 1e-8
+    uniform = torch.rand(b, generator=generator) < p_uniform
+    weights = torch.where(uniform[:, None], torch.ones_like(weights), weights)
+    index = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    offset = torch.rand(b, 2, generator=generator) * cell
+    return torch.stack([index // wc, index % wc], dim=1).float() * cell + offset - 0.5
+
+
+# ------------------------------------------------------------------------------------------- MNI brain
+@functools.lru_cache(maxsize=1)
+def mni_template_volumes() -> torch.Tensor:
+    """(3, X, Y, Z) uint8 tensor: T1, GM, WM of the MNI152 2009a template in nilearn's wheel (cached per process)."""
+    import nibabel
+    import nilearn
+
+    folder = Path(nilearn.__file__).parent / "datasets" / "data"
+    volumes = []
+    for kind in ("t1", "gm", "wm"):
+        path = folder / MNI_FILE.format(kind)
+        if not path.is_file():
+            raise ValueError(f"MNI template file {path} not found; expected it inside the installed nilearn wheel")
+        _check_not_held_out(path)
+        volumes.append(np.asarray(nibabel.load(str(path)).dataobj, dtype=np.uint8))
+    log.info("loaded MNI152 template volumes %s from %s", volumes[0].shape, folder)
+    return torch.from_numpy(np.stack(volumes))
+
+
+DISTANCE_CAP = 30
+
+
+def outside_distance(outside: np.ndarray) -> torch.Tensor:
+    """2-D Euclidean distance (pixels, capped at DISTANCE_CAP) of each ``outside`` pixel to the nearest inside
+    pixel, (h, w) bool -> (h, w) uint8. Used to draw a synthetic skull and scalp around the skull-stripped template.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    if outside.all():
+        return torch.full(outside.shape, DISTANCE_CAP, dtype=torch.uint8)
+    dist = distance_transform_edt(outside)
+    return torch.from_numpy(np.minimum(dist, DISTANCE_CAP).astype(np.uint8))
+
+
+# Tissue intensity ranges (low, high) per contrast family: GM, WM, CSF, skull, scalp. Relative values
+# follow the usual orderings (T1: WM > GM > CSF; T2: CSF > GM > WM; FLAIR: CSF dark; EPI: T2*-weighted,
+# fat suppressed). A "random" family draws every tissue in [0, 1], which includes inversions.
+CONTRASTS = {
+    "t1": ((0.45, 0.65), (0.75, 1.0), (0.03, 0.25), (0.0, 0.12), (0.5, 1.0)),
+    "t2": ((0.45, 0.65), (0.28, 0.45), (0.8, 1.0), (0.0, 0.1), (0.3, 0.8)),
+    "pd": ((0.7, 0.9), (0.55, 0.7), (0.65, 0.95), (0.0, 0.12), (0.5, 0.9)),
+    "flair": ((0.6, 0.85), (0.4, 0.6), (0.0, 0.15), (0.0, 0.1), (0.3, 0.9)),
+    "epi": ((0.5, 0.75), (0.35, 0.5), (0.7, 1.0), (0.0, 0.1), (0.05, 0.4)),
+    "random": ((0.0, 1.0),) * 5,
+}
+CONTRAST_PROBS = {"t1": 0.15, "t2": 0.2, "pd": 0.1, "flair": 0.15, "epi": 0.15, "random": 0.25}
+
+
+class MNIBrainSource(TrainingSource):
+    """Slices of the MNI152 template with domain-randomised contrasts (see the module docstring)."""
+
+    name = "mni-brain"
+    canvas = 240
+
+    def __init__(self, *, channels: int = 2, size: int = 64, batch: int = 16, real_t1_fraction: float = 0.25,
+                 shell_probability: float = 0.7):
+        super().__init__(channels=channels, size=size, batch=batch)
+        if channels not in (1, 2):
+            raise ValueError(f"mni-brain: channels must be 1 (magnitude) or 2 (real, imag), got {channels}")
+        self.real_t1_fraction = real_t1_fraction
+        self.shell_probability = shell_probability
+        self.volumes = mni_template_volumes()
+        self._distance_cache: dict[tuple[int, int], torch.Tensor] = {}   # (axis, index) -> (h, w) uint8
+        self.slices = self._valid_slices(self.volumes[0])
+        log.info("mni-brain: %d slices with brain (all three orientations)", len(self.slices))
+
+    @staticmethod
+    def _valid_slices(t1: torch.Tensor, min_brain_pixels: int = 1500) -> list[tuple[int, int]]:
+        brain = t1 > 0
+        slices = []
+        for axis in range(3):
+            counts = brain.sum(dim=[d for d in range(3) if d != axis])
+            slices += [(axis, int(i)) for i in torch.nonzero(counts >= min_brain_pixels)[:, 0]]
+        return slices
+
+    def _slice_distance(self, axis: int, index: int) -> torch.Tensor:
+        key = (axis, index)
+        if key not in self._distance_cache:     # computed on first use: ~2 ms a slice, ~450 slices in all
+            outside = (self.volumes[0].select(axis, index) == 0).numpy()
+            self._distance_cache[key] = outside_distance(outside)
+        return self._distance_cache[key]
+
+    def _canvas_slices(self, generator) -> torch.Tensor:
+        """(B, 4, canvas, canvas) float: T1, GM, WM in [0, 1] of random slices centred on a zero canvas, and
+        the in-plane distance (pixels) outside the brain."""
+        picks = torch.randint(len(self.slices), (self.batch_size,), generator=generator)
+        out = torch.zeros(self.batch_size, 4, self.canvas, self.canvas)
+        out[:, 3] = DISTANCE_CAP
+        for i, pick in enumerate(picks.tolist()):
+            axis, index = self.slices[pick]
+            plane = self.volumes.select(axis + 1, index).float() / 255.0     # (3, h, w)
+            h, w = plane.shape[-2:]
+            top, left = (self.canvas - h) // 2, (self.canvas - w) // 2
+            out[i, :3, top:top + h, left:left + w] = plane
+            out[i, 3, top:top + h, left:left + w] = self._slice_distance(axis, index).float()
+        return out
+
+    def _tissue_intensities(self, generator) -> torch.Tensor:
+        """(B, 5) random intensities for GM, WM, CSF, skull, scalp drawn from a random contrast family."""
+        families = list(CONTRASTS)
+        probs = torch.tensor([CONTRAST_PROBS[f] for f in families])
+        choice = torch.multinomial(probs.expand(self.batch_size, -1), 1, generator=generator)[:, 0]
+        u = torch.rand(self.batch_size, 5, generator=generator)
+        ranges = torch.tensor([CONTRASTS[f] for f in families])                 # (F, 5, 2)
+        low, high = ranges[choice, :, 0], ranges[choice, :, 1]
+        return low + (high - low) * u
+
+    def _synthesise(self, generator, maps: torch.Tensor) -> torch.Tensor:
+        """Magnitude images (B, 1, H, W) from T1/GM/WM maps: real T1 or a random contrast, plus skull and scalp."""
+        b = self.batch_size
+        t1, gm, wm = maps[:, 0:1], maps[:, 1:2], maps[:, 2:3]
+        brain = (t1 > 0).float()
+        gm_wm = (gm + wm).clamp(max=1.0)
+        csf = (brain - gm_wm).clamp(min=0.0)
+        tissue = self._tissue_intensities(generator)
+        per = lambda v: v[:, None, None, None]  # noqa: E731
+        synthetic = per(tissue[:, 0]) * gm + per(tissue[:, 1]) * wm + per(tissue[:, 2]) * csf
+        # Mild smooth within-tissue texture: a template is an average of 152 brains and is smoother than one.
+        texture = 1 + per(_uniform(generator, (b,), 0.0, 0.15)) * _smooth_field(generator, b, t1.shape[-2:], 12)
+        synthetic = synthetic * texture
+        use_t1 = per(torch.rand(b, generator=generator) < self.real_t1_fraction)
+        # In T1, scalp fat is about as bright as white matter (~0.9 of the template's range).
+        tissue[:, 4] = torch.where(use_t1[:, 0, 0, 0], _uniform(generator, (b,), 0.45, 0.95),
+                                   tissue[:, 4])
+        image = torch.where(use_t1, t1, synthetic)
+        # Synthetic head shell: skull (dark in most contrasts) then scalp, of random thicknesses.
+        dist = maps[:, 3:4]
+        skull_px = per(_uniform(generator, (b,), 2.0, 7.0))
+        scalp_px = per(_uniform(generator, (b,), 2.0, 9.0))
+        shell = per(torch.rand(b, generator=generator) < self.shell_probability).float()
+        skull = ((dist > 0) & (dist <= skull_px)).float() * shell
+        # Soft (logistic, ~1 px) edges for the scalp: a blur at a fraction of the cost of a convolution.
+        scalp = torch.sigmoid((dist - skull_px) * 2) * torch.sigmoid((skull_px + scalp_px - dist) * 1.5) * shell
+        image = image + per(tissue[:, 3]) * skull + per(tissue[:, 4]) * scalp * (1 - brain)
+        return image
+
+    def _degrade(self, generator, image: torch.Tensor) -> torch.Tensor:
+        """Smooth multiplicative bias field exp(a g) and a random lower resolution (area down, bilinear up)."""
+        b, _, h, w = image.shape
+        strength = _uniform(generator, (b,), 0.0, 0.5)[:, None, None, None]
+        image = image * torch.exp(strength * _smooth_field(generator, b, (h, w), 4))
+        factors = torch.where(torch.rand(b, generator=generator) < 0.5,
+                              _uniform(generator, (b,), 1.0, 2.5), torch.ones(b))
+        out = []
+        for i, factor in enumerate(factors.tolist()):
+            img = image[i:i + 1]
+            if factor > 1.05:
+                low = F.interpolate(img, size=(int(h / factor), int(w / factor)), mode="area")
+                img = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+            out.append(img)
+        return torch.cat(out).clamp_min(0.0)
+
+    def batch(self, generator: torch.Generator) -> torch.Tensor:
+        maps = self._canvas_slices(generator)
+        magnitude = self._degrade(generator, self._synthesise(generator, maps))
+        magnitude = magnitude / reference_scale(magnitude[:, 0])[:, None, None, None]   # before cropping
+        centers = _head_biased_centers(generator, (magnitude[:, 0] > 0.05).float())
+        grid = _patch_grid(generator, centers, (self.canvas, self.canvas), self.size)
+        patch = F.grid_sample(magnitude, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.channels == 1:
+            return patch.contiguous()
+        return _complexify(patch, _smooth_phase(generator, grid)).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ CT phantoms
+def _hu(value: float) -> float:
+    """Map Hounsfield units to the [0, 1] training scale of :data:`CT_NORMALISATION`."""
+    return min(max((value + 1000.0) / 2000.0, 0.0), 1.0)
+
+
+class CTPhantomSource(TrainingSource):
+    """Procedural CT-like phantoms, one ``torch.Generator`` seed per image, rendered only inside the crop.
+
+    Each phantom lives on a field of view of ``N`` pixels (N uniform in [128, 256]); the shapes are
+    analytic, so only the ``size x size`` crop (plus a blur margin) is rasterised.
+    """
+
+    name = "ct-phantoms"
+    normalisation = CT_NORMALISATION
+
+    def __init__(self, *, channels: int = 1, size: int = 64, batch: int = 16, fov_range=(128, 256)):
+        super().__init__(channels=channels, size=size, batch=batch)
+        if channels != 1:
+            raise ValueError(f"ct-phantoms: channels must be 1, got {channels}")
+        self.fov_range = fov_range
+
+    def batch(self, generator: torch.Generator) -> torch.Tensor:
+        seeds = torch.randint(0, 2 ** 62, (self.batch_size,), generator=generator).tolist()
+        return torch.stack([self.phantom(seed) for seed in seeds])
+
+    def phantom(self, seed: int) -> torch.Tensor:
+        """(1, size, size) float32 crop of the phantom with this seed."""
+        g = torch.Generator().manual_seed(int(seed))
+        rnd = lambda low, high: float(_uniform(g, (), low, high))  # noqa: E731
+        fov = int(torch.randint(self.fov_range[0], self.fov_range[1] + 1, (), generator=g))
+        margin = 3
+        n = self.size + 2 * margin
+        # Body: an ellipse filling most of the field of view; crop centred at a random point inside it.
+        body_a, body_b = rnd(0.6, 0.95), rnd(0.45, 0.85)
+        body_angle = rnd(-0.3, 0.3)
+        radius, angle = math.sqrt(rnd(0, 1)) * 0.9, rnd(0, 2 * math.pi)
+        cx, cy = radius * body_a * math.cos(angle), radius * body_b * math.sin(angle)
+        if rnd(0, 1) < 0.1:
+            cx, cy = rnd(-1, 1), rnd(-1, 1)
+        step = 2.0 / fov
+        r = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * step
+        y, x = torch.meshgrid(cy + r, cx + r, indexing="ij")
+        image = torch.zeros(n, n)
+
+        def ellipse(x0, y0, a, b, theta):
+            c, s = math.cos(theta), math.sin(theta)
+            xr, yr = (x - x0) * c + (y - y0) * s, -(x - x0) * s + (y - y0) * c
+            return (xr / a) ** 2 + (yr / b) ** 2 <= 1
+
+        def polygon(x0, y0, radius, sides):
+            angles = torch.sort(_uniform(g, (sides,), 0, 2 * math.pi)).values
+            radii = radius * _uniform(g, (sides,), 0.6, 1.0)
+            px, py = x0 + radii * angles.cos(), y0 + radii * angles.sin()
+            inside = torch.ones_like(x, dtype=torch.bool)
+            for k in range(sides):    # convex hull of a star-shaped set: left of every edge, counter-clockwise
+                ax, ay, bx, by = px[k], py[k], px[(k + 1) % sides], py[(k + 1) % sides]
+                inside &= (bx - ax) * (y - ay) - (by - ay) * (x - ax) >= 0
+            return inside
+
+        additive = rnd(0, 1) < 0.25
+        if additive:
+            # Shepp-Logan-like: overlapping random ellipses whose intensities add up.
+            for _ in range(int(rnd(5, 15))):
+                mask = ellipse(rnd(-0.7, 0.7), rnd(-0.7, 0.7), rnd(0.03, 0.6), rnd(0.03, 0.6), rnd(0, math.pi))
+                image = image + mask.float() * rnd(-0.3, 0.6)
+            image = image.clamp(0.0, 1.0)
+        else:
+            body = ellipse(0, 0, body_a, body_b, body_angle)
+            fat = rnd(0.02, 0.08)
+            inner = ellipse(0, 0, body_a - fat, body_b - fat, body_angle)
+            image[body] = _hu(rnd(-120, -80))
+            image[inner] = _hu(rnd(20, 60))
+            for _ in range(int(rnd(0, 3))):           # lungs / bowel gas: dark regions
+                image[ellipse(rnd(-0.5, 0.5), rnd(-0.4, 0.4), rnd(0.1, 0.35), rnd(0.1, 0.4), rnd(0, math.pi))
+                      & inner] = _hu(rnd(-900, -700))
+            for _ in range(int(rnd(3, 10))):          # organs: small soft-tissue contrasts
+                if rnd(0, 1) < 0.5:
+                    mask = ellipse(rnd(-0.6, 0.6), rnd(-0.5, 0.5), rnd(0.05, 0.3), rnd(0.05, 0.3), rnd(0, math.pi))
+                else:
+                    mask = polygon(rnd(-0.6, 0.6), rnd(-0.5, 0.5), rnd(0.05, 0.3), int(rnd(3, 9)))
+                image[mask & inner] = _hu(rnd(-50, 150))
+            for _ in range(int(rnd(1, 6))):           # bones: cortical ring around marrow
+                x0, y0, a, b, th = rnd(-0.6, 0.6), rnd(-0.6, 0.6), rnd(0.03, 0.12), rnd(0.03, 0.12), rnd(0, math.pi)
+                image[ellipse(x0, y0, a, b, th) & inner] = _hu(rnd(700, 1000))
+                t = rnd(0.3, 0.8)
+                image[ellipse(x0, y0, a * t, b * t, th) & inner] = _hu(rnd(150, 400))
+            for _ in range(int(rnd(0, 10))):          # small high-contrast details: calcifications, gas
+                detail = ellipse(rnd(-0.7, 0.7), rnd(-0.7, 0.7), rnd(1, 3) * step, rnd(1, 3) * step, 0)
+                image[detail & inner] = _hu(rnd(500, 1000)) if rnd(0, 1) < 0.7 else 0.0
+            # Smooth texture inside the body (parenchyma), a few HU.
+            coarse = torch.randn(1, 1, 8, 8, generator=g)
+            grid = torch.stack([x, y], dim=-1)[None]
+            texture = _sample_field_at(coarse, grid.clamp(-1, 1))[0, 0]
+            image = torch.where(body, image + rnd(0.0, 15.0) / 2000.0 * texture, image)
+        image = _gaussian_blur(image[None, None], rnd(0.3, 1.0))[0, :, margin:-margin, margin:-margin]
+        return image.clamp(0.0, 1.0).float()
+
+
+# ------------------------------------------------------------------------------ folders and fastMRI files
+class _SliceFileSource(TrainingSource):
+    """Random crops of 2-D slices listed in ``self.items`` (file, slice index); subclasses read one slice.
+
+    Each slice is normalised by :func:`reference_scale` of its full magnitude before cropping. Crops are
+    ``size x size`` (zero-padded when the slice is smaller), centred with probability 0.9 on a pixel whose
+    magnitude exceeds 0.1 (the object, not the background), with random flips and 90-degree rotations.
+    Real slices get a smooth random phase when ``channels == 2``; complex slices keep theirs.
+    """
+
+    def __init__(self, root, *, channels: int, size: int, batch: int):
+        super().__init__(channels=channels, size=size, batch=batch)
+        if channels not in (1, 2):
+            raise ValueError(f"{self.name}: channels must be 1 or 2, got {channels}")
+        self.root = Path(root)
+        if not self.root.exists():
+            raise ValueError(f"{self.name}: {self.root} does not exist")
+        self.items: list[tuple[Path, int]] = self._index()
+        if not self.items:
+            raise ValueError(f"{self.name}: no usable images under {self.root}")
+        log.info("%s: %d slices under %s", self.name, len(self.items), self.root)
+
+    def _index(self) -> list[tuple[Path, int]]:
+        raise NotImplementedError
+
+    def read_slice(self, path: Path, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _files(self, suffixes: tuple[str, ...]) -> list[Path]:
+        files = [self.root] if self.root.is_file() else sorted(p for p in self.root.rglob("*") if p.is_file())
+        files = [p for p in files if p.name.lower().endswith(suffixes)]
+        for p in files:
+            _check_not_held_out(p)
+        return files
+
+    def metadata(self) -> dict:
+        return dict(super().metadata(), root=str(self.root), slices=len(self.items))
+
+    def batch(self, generator: torch.Generator) -> torch.Tensor:
+        picks = torch.randint(len(self.items), (self.batch_size,), generator=generator).tolist()
+        return torch.stack([self._crop(generator, *self.items[i]) for i in picks])
+
+    def _crop(self, generator, path: Path, index: int) -> torch.Tensor:
+        array = self.read_slice(path, index)
+        image = torch.from_numpy(np.array(array, copy=True))
+        image = torch.view_as_real(image.to(torch.complex64)).permute(2, 0, 1) if image.is_complex() \
+            else image.float()[None]                                          # (1 or 2, H, W)
+        magnitude = image.norm(dim=0, keepdim=True)
+        scale = reference_scale(magnitude[0])
+        image, magnitude = image / scale, magnitude / scale
+        pad = self.size // 2
+        image = F.pad(image, (pad, pad, pad, pad))
+        magnitude = F.pad(magnitude, (pad, pad, pad, pad))
+        h, w = magnitude.shape[-2:]
+        centers = _head_biased_centers(generator, (magnitude > 0.1).float(), cell=2)[0]
+        top = int(centers[0].clamp(pad, h - pad - 1)) - pad
+        left = int(centers[1].clamp(pad, w - pad - 1)) - pad
+        patch = image[:, top:top + self.size, left:left + self.size]
+        flips = torch.rand(3, generator=generator)
+        if flips[0] < 0.5:
+            patch = patch.flip(-1)
+        if flips[1] < 0.5:
+            patch = patch.flip(-2)
+        if flips[2] < 0.5:
+            patch = patch.transpose(-1, -2)
+        if self.channels == 1:
+            return patch.norm(dim=0, keepdim=True) if patch.shape[0] == 2 else patch
+        if patch.shape[0] == 2:
+            return patch
+        r = torch.linspace(-self.size / w, self.size / w, self.size)
+        grid = torch.stack(torch.meshgrid(r, r, indexing="xy"), dim=-1)[None]
+        return _complexify(patch[None], _smooth_phase(generator, grid))[0]
+
+
+class FolderSource(_SliceFileSource):
+    """PNG/JPEG images (grayscale), NPY arrays ((H, W) or (N, H, W), real or complex) and NIfTI volumes
+    (slices along the last axis) under a folder."""
+
+    name = "folder"
+    IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+    SUFFIXES = IMAGE_SUFFIXES + (".npy", ".nii", ".nii.gz")
+
+    def __init__(self, root, *, channels: int = 1, size: int = 64, batch: int = 16):
+        super().__init__(root, channels=channels, size=size, batch=batch)
+
+    def _index(self) -> list[tuple[Path, int]]:
+        items = []
+        for path in self._files(self.SUFFIXES):
+            count = self._slice_count(path)
+            items += [(path, i) for i in range(count)]
+        return items
+
+    @staticmethod
+    def _slice_count(path: Path) -> int:
+        name = path.name.lower()
+        if name.endswith(FolderSource.IMAGE_SUFFIXES):
+            return 1
+        if name.endswith(".npy"):
+            shape = np.load(path, mmap_mode="r").shape
+            if len(shape) not in (2, 3):
+                raise ValueError(f"{path}: array of shape {shape}; expected (H, W) or (N, H, W)")
+            return 1 if len(shape) == 2 else shape[0]
+        import nibabel
+
+        shape = nibabel.load(str(path)).shape
+        if len(shape) not in (2, 3):
+            raise ValueError(f"{path}: NIfTI of shape {shape}; expected a 2-D image or a 3-D volume")
+        return 1 if len(shape) == 2 else shape[2]
+
+    def read_slice(self, path: Path, index: int) -> np.ndarray:
+        name = path.name.lower()
+        if name.endswith(self.IMAGE_SUFFIXES):
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return np.asarray(img.convert("F"), dtype=np.float32)
+        if name.endswith(".npy"):
+            array = np.load(path, mmap_mode="r")
+            return np.array(array if array.ndim == 2 else array[index])
+        return _read_nifti_slice(str(path), index)
+
+
+@functools.lru_cache(maxsize=4)
+def _nifti_volume(path: str) -> np.ndarray:
+    import nibabel
+
+    return np.asarray(nibabel.load(path).dataobj, dtype=np.float32)
+
+
+def _read_nifti_slice(path: str, index: int) -> np.ndarray:
+    volume = _nifti_volume(path)
+    return volume if volume.ndim == 2 else volume[:, :, index]
+
+
+class FastMRISource(_SliceFileSource):
+    """Slices of fastMRI h5 files: the ``reconstruction_rss`` / ``reconstruction_esc`` target when present,
+    else the RSS of the centred orthonormal inverse FFT of ``kspace``, cropped to the header's recon size."""
+
+    name = "fastmri"
+    TARGETS = ("reconstruction_rss", "reconstruction_esc")
+
+    def __init__(self, root, *, channels: int = 1, size: int = 64, batch: int = 16):
+        super().__init__(root, channels=channels, size=size, batch=batch)
+
+    def _index(self) -> list[tuple[Path, int]]:
+        import h5py
+
+        items = []
+        for path in self._files((".h5",)):
+            with h5py.File(path, "r") as f:
+                key = next((k for k in self.TARGETS if k in f), "kspace" if "kspace" in f else None)
+                if key is None:
+                    raise ValueError(f"{path}: no dataset {self.TARGETS + ('kspace',)}")
+                if "mask" in f and key == "kspace":
+                    log.warning("%s: undersampled test file without a target; skipped", path)
+                    continue
+                items += [(path, i) for i in range(f[key].shape[0])]
+        return items
+
+    def read_slice(self, path: Path, index: int) -> np.ndarray:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            for key in self.TARGETS:
+                if key in f:
+                    return np.asarray(f[key][index], dtype=np.float32)
+            kspace = np.asarray(f["kspace"][index])
+            recon = _recon_size(f.attrs.get("ismrmrd_header"), kspace.shape[-2:])
+        coils = kspace if kspace.ndim == 3 else kspace[None]
+        images = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(coils, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+        images = _center_crop(images, recon)
+        return np.sqrt((np.abs(images) ** 2).sum(axis=0)).astype(np.float32)
+
+
+def _recon_size(header, fallback: tuple[int, int]) -> tuple[int, int]:
+    """``encoding/reconSpace/matrixSize`` (x -> W, y -> H) of an ISMRMRD header, or ``fallback``."""
+    if header is None:
+        return tuple(fallback)
+    from defusedxml import ElementTree
+
+    ns = {"m": "http://www.ismrm.org/ISMRMRD"}
+    root = ElementTree.fromstring(header.decode() if isinstance(header, bytes) else str(header))
+    size = root.find("m:encoding/m:reconSpace/m:matrixSize", ns)
+    if size is None:
+        return tuple(fallback)
+    return int(size.find("m:y", ns).text), int(size.find("m:x", ns).text)
+
+
+def _center_crop(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    h, w = images.shape[-2:]
+    ch, cw = min(shape[0], h), min(shape[1], w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[..., top:top + ch, left:left + cw]
+
+
+# ------------------------------------------------------------------------------------------------ factory
+def make_source(spec: str, *, channels: int, size: int, batch: int) -> TrainingSource:
+    """Build a source from ``mni-brain``, ``ct-phantoms``, ``folder:PATH`` or ``fastmri:PATH``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "mni-brain" and not arg:
+        return MNIBrainSource(channels=channels, size=size, batch=batch)
+    if kind == "ct-phantoms" and not arg:
+        return CTPhantomSource(channels=channels, size=size, batch=batch)
+    if kind == "folder" and arg:
+        return FolderSource(arg, channels=channels, size=size, batch=batch)
+    if kind == "fastmri" and arg:
+        return FastMRISource(arg, channels=channels, size=size, batch=batch)
+    raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain', 'ct-phantoms', 'folder:PATH' "
+                     f"or 'fastmri:PATH'")

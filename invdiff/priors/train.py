@@ -1,0 +1,447 @@
+"""EDM training of an :class:`~invdiff.priors.unet.EDMUNet` prior: seeded, resumable, exportable.
+
+Loss (Karras et al. 2022, Eq. 8 with Table 1's training choices):
+``E_{x0, ln sigma ~ N(P_mean, P_std^2), n ~ N(0, sigma^2 I)} [ lambda(sigma) ||D(x0 + n, sigma) - x0||^2 ]``,
+``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2``, ``P_mean = -1.2``, ``P_std = 1.2``.
+
+A run lives in one folder: ``checkpoint.safetensors`` (model, EMA, Adam state and both RNG states as
+tensors; step, configs and history as JSON in the file's metadata; replaced atomically), ``loss.jsonl``
+(one line per ``log_every`` steps) and ``train.log``. Rerunning the same command continues from the
+checkpoint and gives bit-identical results to an uninterrupted run. ``export_prior`` writes the EMA weights
+as ``<name>.safetensors`` plus ``<name>.json`` metadata, which :func:`invdiff.priors.loading.load_prior` reads.
+
+    python -m invdiff.priors.train --data ct-phantoms --channels 1 --size 64 --steps 200000 \\
+        --batch 16 --out runs/ct-phantom --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from invdiff.priors.unet import EDMUNet, UNetConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+LOSS_LOG = "loss.jsonl"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters; everything but the run-length and bookkeeping fields must match on resume."""
+
+    data: str = "mni-brain"
+    channels: int = 2
+    size: int = 64
+    batch: int = 16
+    lr: float = 2e-4
+    warmup_steps: int = 1000
+    lr_schedule: str = "constant"          # "constant" after warm-up, or "cosine" decay to 0 at `steps`
+    ema_decay: float = 0.999
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    seed: int = 0
+    unet: dict = field(default_factory=lambda: UNetConfig().to_dict())
+    # Run length and bookkeeping: may change between invocations of the same run.
+    steps: int = 100_000
+    log_every: int = 50
+    checkpoint_every_minutes: float = 5.0
+    checkpoint_every_steps: int = 0        # 0: time-based only
+
+    RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every_minutes", "checkpoint_every_steps")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------- math
+def edm_loss(net: EDMUNet, x0: torch.Tensor, generator: torch.Generator, *, p_mean: float = -1.2,
+             p_std: float = 1.2) -> torch.Tensor:
+    """EDM Eq. 8: mean over the batch of ``lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / numel``."""
+    b = x0.shape[0]
+    log_sigma = p_mean + p_std * torch.randn(b, generator=generator, dtype=x0.dtype)
+    sigma = log_sigma.exp()
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype) * sigma[:, None, None, None]
+    sd = net.sigma_data
+    weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    per_image = (net(x0 + noise, sigma) - x0).pow(2).flatten(1).mean(dim=1)
+    return (weight * per_image).mean()
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant or cosine decay to 0 at ``steps``."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_schedule == "constant":
+        return config.lr * warm
+    if config.lr_schedule == "cosine":
+        progress = min(1.0, step / max(1, config.steps))
+        return config.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """``theta_ema <- decay theta_ema + (1 - decay) theta``."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
+def ema_decay_at(config: TrainConfig, step: int) -> float:
+    """EMA decay with a warm-up ``min(decay, (1 + step) / (10 + step))`` so early weights are forgotten fast."""
+    return min(config.ema_decay, (1 + step) / (10 + step))
+
+
+# ------------------------------------------------------------------------------------------ the state
+class TrainingState:
+    """Model, EMA, Adam and the two RNGs (data, noise) of one run, with (de)serialisation to a checkpoint."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        unet_config = UNetConfig.from_dict(config.unet)
+        if unet_config.channels != config.channels:
+            raise ValueError(f"unet.channels={unet_config.channels} but channels={config.channels}")
+        # Deterministic initialisation without touching the caller's global RNG: fork it, seed, restore.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.net = EDMUNet(unet_config)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.noise_generator = torch.Generator().manual_seed(config.seed + 1_000_003)
+        self.step = 0
+        self.wall_seconds = 0.0
+        self.commands: list[str] = []
+        self.last_loss: float | None = None
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        out.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        for index, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                out[f"optim.{index}.{key}"] = torch.as_tensor(value)
+        out["rng.data"] = self.data_generator.get_state()
+        out["rng.noise"] = self.noise_generator.get_state()
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def metadata(self) -> dict:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
+        return {"format": FORMAT_VERSION, "step": self.step, "wall_seconds": self.wall_seconds,
+                "config": self.config.to_dict(), "param_groups": groups, "commands": self.commands,
+                "last_loss": self.last_loss}
+
+    def save(self, path: Path) -> None:
+        """Write model + EMA + Adam + RNGs atomically: a temporary file in the same folder, then rename."""
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.tensors(), str(tmp), metadata={"invdiff": json.dumps(self.metadata())})
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["invdiff"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        saved = TrainConfig.from_dict(meta["config"])
+        _check_compatible(saved, self.config, path)
+        self.net.load_state_dict(_strip(tensors, "model."), strict=True)
+        self.ema.load_state_dict(_strip(tensors, "ema."), strict=True)
+        optim_state: dict[int, dict] = {}
+        for key, value in _strip(tensors, "optim.").items():
+            index, name = key.split(".", 1)
+            optim_state.setdefault(int(index), {})[name] = value
+        param_ids = list(range(len(list(self.net.parameters()))))
+        groups = [dict(g, params=param_ids) for g in meta["param_groups"]]
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        self.data_generator.set_state(tensors["rng.data"])
+        self.noise_generator.set_state(tensors["rng.noise"])
+        self.step = int(meta["step"])
+        self.wall_seconds = float(meta["wall_seconds"])
+        self.commands = list(meta.get("commands", []))
+        self.last_loss = meta.get("last_loss")
+
+    def warm_start(self, prior_path: str) -> None:
+        """Initialise model and EMA from an exported prior (optimizer, step and RNGs start fresh)."""
+        from invdiff.priors.loading import load_prior
+
+        prior = load_prior(prior_path)
+        if prior.config.to_dict() != self.net.config.to_dict():
+            raise ValueError(f"--init {prior_path}: network config {prior.config.to_dict()} differs from this "
+                             f"run's {self.net.config.to_dict()}")
+        self.net.load_state_dict(prior.state_dict(), strict=True)
+        self.ema.load_state_dict(prior.state_dict(), strict=True)
+        log.info("warm start from %s", prior_path)
+
+
+def _strip(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _check_compatible(saved: TrainConfig, wanted: TrainConfig, path) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in TrainConfig.RESUMABLE_CHANGES:
+            continue
+        a, b = getattr(saved, f.name), getattr(wanted, f.name)
+        if a != b:
+            raise ValueError(f"{path}: checkpoint has {f.name}={a!r} but this run asks for {b!r}; use a new --out "
+                             f"folder or the checkpoint's settings")
+
+
+# ------------------------------------------------------------------------------------------- training
+def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "auto", init: str | None = None,
+          command: str | None = None, should_stop: Callable[[], bool] | None = None,
+          progress: bool | None = None) -> TrainingState:
+    """Train until ``config.steps`` (or ``should_stop()``), checkpointing; returns the final state.
+
+    resume: "auto" continues from ``run_dir/checkpoint.safetensors`` when it exists, "never" refuses to
+    overwrite one, "must" requires one. ``init``: an exported prior to warm-start a fresh run from.
+    """
+    from invdiff.datasets.training import make_source
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / CHECKPOINT
+    state = TrainingState(config)
+    if resume not in ("auto", "never", "must"):
+        raise ValueError(f"resume must be 'auto', 'never' or 'must', got {resume!r}")
+    if checkpoint.exists() and resume == "never":
+        raise ValueError(f"{checkpoint} exists; pass resume='auto' to continue it or choose another run folder")
+    if not checkpoint.exists() and resume == "must":
+        raise ValueError(f"{checkpoint} does not exist; nothing to resume")
+    if checkpoint.exists():
+        state.load(checkpoint)
+        log.info("resumed %s at step %d", checkpoint, state.step)
+    elif init:
+        state.warm_start(init)
+    if command:
+        state.commands.append(command)
+    source = make_source(config.data, channels=config.channels, size=config.size, batch=config.batch)
+    log.info("training %s: %.2f M parameters, data %s, %d -> %d steps", run_dir,
+             state.net.num_parameters() / 1e6, config.data, state.step, config.steps)
+    _run_loop(state, source, run_dir, should_stop or (lambda: False), progress)
+    return state
+
+
+def _run_loop(state: TrainingState, source, run_dir: Path, should_stop, progress) -> None:
+    config = state.config
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=state.step, disable=not progress, dynamic_ncols=True)
+    losses, data_seconds, step_seconds = [], 0.0, 0.0
+    last_save = time.monotonic()
+    state.net.train()
+    while state.step < config.steps and not should_stop():
+        t0 = time.perf_counter()
+        x0 = source.batch(state.data_generator)
+        t1 = time.perf_counter()
+        lr = learning_rate(config, state.step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        loss = edm_loss(state.net, x0, state.noise_generator, p_mean=config.p_mean, p_std=config.p_std)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        update_ema(state.ema, state.net, ema_decay_at(config, state.step))
+        state.step += 1
+        t2 = time.perf_counter()
+        data_seconds += t1 - t0
+        step_seconds += t2 - t0
+        state.wall_seconds += t2 - t0
+        losses.append(loss.detach().item())
+        bar.update(1)
+        if len(losses) >= config.log_every:
+            state.last_loss = sum(losses) / len(losses)
+            record = {"step": state.step, "loss": state.last_loss, "lr": lr,
+                      "sec_per_step": step_seconds / len(losses), "data_sec_per_step": data_seconds / len(losses),
+                      "wall_seconds": round(state.wall_seconds, 1), "time": time.time()}
+            with open(run_dir / LOSS_LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{state.last_loss:.4f}", s_step=f"{record['sec_per_step']:.2f}")
+            log.info("step %d loss %.4f lr %.2e %.3f s/step (data %.3f)", state.step, state.last_loss, lr,
+                     record["sec_per_step"], record["data_sec_per_step"])
+            losses, data_seconds, step_seconds = [], 0.0, 0.0
+        by_steps = config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0
+        by_time = time.monotonic() - last_save >= 60 * config.checkpoint_every_minutes
+        if by_steps or by_time:
+            state.save(run_dir / CHECKPOINT)
+            last_save = time.monotonic()
+            log.info("checkpoint at step %d", state.step)
+    bar.close()
+    state.save(run_dir / CHECKPOINT)
+    log.info("stopped at step %d; checkpoint %s", state.step, run_dir / CHECKPOINT)
+
+
+# --------------------------------------------------------------------------------------------- export
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_prior(run_dir, out_dir, name: str) -> Path:
+    """Write the run's EMA weights as ``out_dir/<name>.safetensors`` and metadata as ``out_dir/<name>.json``.
+
+    Returns the JSON path. The JSON holds the network config, data source and normalisation, steps, seed,
+    final loss, training command(s), wall time, parameter count and the sha256 of the safetensors file.
+    """
+    from safetensors.torch import save_file
+
+    from invdiff.datasets.training import CT_NORMALISATION, PERCENTILE_NORMALISATION
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    checkpoint = run_dir / CHECKPOINT
+    if not checkpoint.exists():
+        raise ValueError(f"{checkpoint} does not exist; train first (python -m invdiff.priors.train ...)")
+    config_peek = _checkpoint_metadata(checkpoint)
+    state = TrainingState(TrainConfig.from_dict(config_peek["config"]))
+    state.load(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{name}.safetensors"
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.ema.state_dict().items()}, str(tmp))
+    os.replace(tmp, weights)
+    config = state.config
+    normalisation = CT_NORMALISATION if config.data == "ct-phantoms" else PERCENTILE_NORMALISATION
+    meta = {
+        "name": name, "format": FORMAT_VERSION, "architecture": "EDMUNet",
+        "unet": state.net.config.to_dict(), "data": config.data, "channels": config.channels,
+        "normalisation": normalisation, "train_size": config.size, "batch": config.batch, "lr": config.lr,
+        "lr_schedule": config.lr_schedule, "ema_decay": config.ema_decay, "seed": config.seed,
+        "steps": state.step, "final_loss": state.last_loss, "training_commands": state.commands,
+        "wall_seconds": round(state.wall_seconds, 1), "parameters": state.net.num_parameters(),
+        "torch_version": torch.__version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "sha256": sha256_file(weights),
+    }
+    json_path = out_dir / f"{name}.json"
+    tmp_json = json_path.with_name(json_path.name + ".tmp")
+    tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_json, json_path)
+    log.info("exported %s (step %d, sha256 %s)", weights, state.step, meta["sha256"][:12])
+    return json_path
+
+
+def _checkpoint_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["invdiff"])
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="invdiff train-prior", description="Train an EDM UNet prior (resumable).")
+    p.add_argument("--data", default="mni-brain", help="mni-brain | ct-phantoms | folder:PATH | fastmri:PATH")
+    p.add_argument("--channels", type=int, default=2, help="1 (magnitude / CT) or 2 (complex MR: real, imag)")
+    p.add_argument("--size", type=int, default=64, help="training patch size (pixels)")
+    p.add_argument("--steps", type=int, default=100_000, help="total optimisation steps (a run can be extended)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--out", required=True, help="run folder: checkpoint, loss.jsonl, train.log")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=1000)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
+    p.add_argument("--channel-mults", default=",".join(map(str, UNetConfig.channel_mults)))
+    p.add_argument("--num-res-blocks", type=int, default=UNetConfig.num_res_blocks)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--checkpoint-every-minutes", type=float, default=5.0)
+    p.add_argument("--checkpoint-every-steps", type=int, default=0)
+    p.add_argument("--resume", choices=("auto", "never", "must"), default="auto",
+                   help="auto: continue from the run folder's checkpoint when there is one")
+    p.add_argument("--init", default=None, help="exported prior (.json/.safetensors path) to warm-start from")
+    p.add_argument("--export", default=None, metavar="NAME",
+                   help="after training, export the EMA weights as NAME into the run folder's export/")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bar (default: only on a terminal)")
+    return p
+
+
+def config_from_args(args) -> TrainConfig:
+    try:
+        mults = tuple(int(m) for m in args.channel_mults.split(","))
+    except ValueError:
+        raise ValueError(f"--channel-mults must be comma-separated integers, got {args.channel_mults!r}") from None
+    unet = UNetConfig(channels=args.channels, base_channels=args.base_channels, channel_mults=mults,
+                      num_res_blocks=args.num_res_blocks)
+    return TrainConfig(data=args.data, channels=args.channels, size=args.size, batch=args.batch, lr=args.lr,
+                       warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, ema_decay=args.ema,
+                       seed=args.seed, unet=unet.to_dict(), steps=args.steps, log_every=args.log_every,
+                       checkpoint_every_minutes=args.checkpoint_every_minutes,
+                       checkpoint_every_steps=args.checkpoint_every_steps)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if not root.level or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    stop = {"flag": False}
+
+    def request_stop(signum, _frame):
+        # SIGTERM / Ctrl-C: finish the current step, write a checkpoint, exit cleanly.
+        log.warning("signal %d: stopping after this step", signum)
+        stop["flag"] = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        config = config_from_args(args)
+        command = "python -m invdiff.priors.train " + " ".join(shlex.quote(a) for a in argv)
+        train(config, run_dir, resume=args.resume, init=args.init, command=command,
+              should_stop=lambda: stop["flag"], progress=args.progress)
+        if args.export:
+            export_prior(run_dir, run_dir / "export", args.export)
+    except ValueError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        root.removeHandler(handler)
+        handler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
