@@ -2,9 +2,14 @@
 
     >>> import invdiff
     >>> invdiff.list_operators()
+    >>> op = invdiff.operator("cartesian_mri", mask=invdiff.mask("random", shape=(64, 64)), img_size=(64, 64))
+    >>> result = invdiff.sample("cg-sense", invdiff.simulate(op, x, 0.01), None)
+
+Heavy parts (fastMRI I/O, metrics, priors) are imported on first use, so ``import invdiff`` stays fast.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
 from invdiff import registry
@@ -16,8 +21,34 @@ __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+
+def sample(name: str, problem: InverseProblem, prior, **kwargs):
+    """Run the sampler registered as ``name``: ``invdiff.sample("reddiff", problem, prior, generator=g)``."""
+    return registry.get_sampler(name).factory(problem, prior, **kwargs)
+
+
+_LAZY = {
+    "mask": ("invdiff.operators.masks", "make_mask"),
+    "read_scan": ("invdiff.datasets.fastmri", "read_scan"),
+    "write_reconstruction": ("invdiff.datasets.fastmri", "write_reconstruction"),
+    "load_prior": ("invdiff.priors.loading", "load_prior"),
+    "SampleResult": ("invdiff.samplers._common", "SampleResult"),
+    "metrics": ("invdiff.metrics", None),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attribute is None else getattr(module, attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'invdiff' has no attribute {name!r}")
+
+
 __all__ = [
-    "InverseProblem", "simulate", "registry", "operator", "example_operator", "list_operators",
-    "list_priors", "list_samplers", "load_plugins", "register_operator", "register_prior",
-    "register_sampler", "__version__",
+    "InverseProblem", "simulate", "sample", "registry", "operator", "example_operator", "list_operators",
+    "list_priors", "list_samplers", "load_plugins", "register_operator", "register_prior", "register_sampler",
+    "__version__", *_LAZY,
 ]
