@@ -382,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: continue from the run folder's checkpoint when there is one")
     p.add_argument("--init", default=None, help="exported prior (.json/.safetensors path) to warm-start from")
     p.add_argument("--export", default=None, metavar="NAME",
-                   help="after training, export the EMA weights as NAME into the run folder's export/")
+                   help="after training, export the EMA weights as NAME.safetensors + NAME.json")
+    p.add_argument("--export-dir", default=None, help="folder for --export (default: <out>/export)")
+    p.add_argument("--export-only", action="store_true",
+                   help="do not train: export the run's last checkpoint (safe while the run is going on)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm bar (default: only on a terminal)")
     return p
@@ -422,14 +425,21 @@ def main(argv=None) -> int:
         log.warning("signal %d: stopping after this step", signum)
         stop["flag"] = True
 
+    if args.export_only and not args.export:
+        log.error("--export-only needs --export NAME")
+        return 2
+    export_dir = Path(args.export_dir) if args.export_dir else run_dir / "export"
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if args.export_only:
+            export_prior(run_dir, export_dir, args.export)
+            return 0
         config = config_from_args(args)
         command = "python -m invdiff.priors.train " + " ".join(shlex.quote(a) for a in argv)
         train(config, run_dir, resume=args.resume, init=args.init, command=command,
               should_stop=lambda: stop["flag"], progress=args.progress)
         if args.export:
-            export_prior(run_dir, run_dir / "export", args.export)
+            export_prior(run_dir, export_dir, args.export)
     except ValueError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
