@@ -34,6 +34,12 @@ _LAZY = {
     "load_prior": ("invdiff.priors.loading", "load_prior"),
     "SampleResult": ("invdiff.samplers._common", "SampleResult"),
     "metrics": ("invdiff.metrics", None),
+    "callbacks": ("invdiff.callbacks", None),
+    "normalise": ("invdiff.normalisation", "normalise"),
+    "denormalise": ("invdiff.normalisation", "denormalise"),
+    "prior_info": ("invdiff.priors.loading", "prior_info"),
+    "ScanError": ("invdiff.datasets.fastmri", "ScanError"),
+    "FastMRIDataset": ("invdiff.datasets.fastmri", "FastMRIDataset"),
 }
 
 

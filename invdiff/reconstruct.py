@@ -26,7 +26,7 @@ import torch
 import invdiff
 from invdiff import metrics
 from invdiff.config import parse_overrides
-from invdiff.datasets.fastmri import estimate_coil_maps, read_scan, write_reconstruction
+from invdiff.datasets.fastmri import center_crop, estimate_coil_maps, read_scan, write_reconstruction
 from invdiff.operators.fft import complex_to_real, real_to_complex
 from invdiff.operators.masks import make_mask
 from invdiff.operators.mri import CartesianMRI, SenseMRI
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # fastMRI's standard (acceleration, centre fraction) pairs; other accelerations keep 0.32 / acceleration.
 STANDARD_CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
 NORMALISATION_PERCENTILE = 99.5
+# ESPIRiT's smallest kernel (3) needs a calibration region wider than itself.
+MIN_CALIBRATION_LINES = 4
 
 
 def default_center_fraction(acceleration: int) -> float:
@@ -81,14 +83,6 @@ def estimate_noise_sigma(kspace: np.ndarray, mask: np.ndarray, edge_fraction: fl
     rows = max(1, int(round(kspace.shape[-2] * edge_fraction)))
     periphery = np.concatenate([kspace[..., :rows, :], kspace[..., -rows:, :]], axis=-2)[..., mask]
     return float(np.median(np.abs(periphery)) / math.sqrt(2 * math.log(2)))
-
-
-def center_crop(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Centre crop of the last two axes to ``size`` (fastMRI's convention: start at ``(H - h) // 2``)."""
-    height, width = image.shape[-2:]
-    h, w = min(size[0], height), min(size[1], width)
-    top, left = (height - h) // 2, (width - w) // 2
-    return image[..., top:top + h, left:left + w]
 
 
 @dataclass
@@ -214,9 +208,9 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
         first = scan.kspace(chosen[0])
         mask, mask_info = _scan_mask(scan, request, first.shape[-1], first.shape[-2])
         calibration = _calibration_width(mask)
-        if scan.is_multicoil and calibration < 6:
+        if scan.is_multicoil and calibration < MIN_CALIBRATION_LINES:
             raise ValueError(f"{request.scan}: the mask has {calibration} contiguous centre lines; ESPIRiT "
-                             f"needs at least 6 (raise --center-fraction)")
+                             f"needs at least {MIN_CALIBRATION_LINES} (raise --center-fraction)")
         recon_size = scan.recon_size
         outputs, zero_filled, targets = [], [], []
         scales, sigmas = [], []

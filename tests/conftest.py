@@ -5,6 +5,10 @@ import torch
 
 import invdiff
 
+# Tests use tiny tensors: one thread avoids oversubscription (measured ~30x slowdowns with 2 threads on a
+# loaded 2-core machine) and keeps float results independent of the thread count.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Plugins from the repository's top-level operators/ folder join the registry before collection, so the
