@@ -70,7 +70,7 @@ def _tv_value(x, lam, eps=0.0):
 def _tv_reference(problem, lam, eps=1e-5):
     """Smoothed TV (sqrt(|grad x|^2 + eps^2)) by L-BFGS in float64: within lam * eps * pixels of the exact value."""
     x = problem.operator.A_adjoint(problem.y).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=5000, tolerance_grad=1e-12, tolerance_change=1e-15,
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=1500, tolerance_grad=1e-12, tolerance_change=1e-15,
                             history_size=50, line_search_fn="strong_wolfe")
 
     def closure():
@@ -79,7 +79,7 @@ def _tv_reference(problem, lam, eps=1e-5):
         value.backward()
         return value
 
-    for _ in range(5):
+    for _ in range(2):
         opt.step(closure)
     return x.detach()
 
