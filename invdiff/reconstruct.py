@@ -30,6 +30,7 @@ from invdiff.datasets.fastmri import center_crop, estimate_coil_maps, read_scan,
 from invdiff.operators.fft import complex_to_real, real_to_complex
 from invdiff.operators.masks import make_mask
 from invdiff.operators.mri import CartesianMRI, SenseMRI
+from invdiff.normalisation import normalise
 from invdiff.problem import InverseProblem
 from invdiff.registry import get_sampler
 
@@ -109,18 +110,15 @@ def build_slice_problem(kspace: np.ndarray, mask: np.ndarray, recon_size: tuple[
         maps = torch.from_numpy(coil_maps).to(device)[None]
         operator = SenseMRI(mask=mask_t, coil_maps=maps)
         y = complex_to_real(k[None])                                         # (1, 2, C, H, W)
-    zero_filled = real_to_complex(operator.A_adjoint(y))[0]
-    magnitude = zero_filled.abs()
-    scale = float(torch.quantile(magnitude.flatten().float(), NORMALISATION_PERCENTILE / 100))
-    if not scale > 0:
-        raise ValueError("the zero-filled image is all zeros: no signal in the sampled k-space")
     sigma_kspace = estimate_noise_sigma(np.where(mask, kspace, 0), mask)
     # A noiseless (synthetic) scan would give sigma 0; keep the likelihood finite and say so.
     sigma_floor = min_relative_sigma * float(np.abs(kspace).max())
     if sigma_kspace < sigma_floor:
         log.info("k-space noise estimate %.3g is below the floor %.3g; using the floor", sigma_kspace, sigma_floor)
         sigma_kspace = sigma_floor
-    problem = InverseProblem(operator, y / scale, sigma_kspace / scale)
+    # Same rule as the priors' training data: the 99.5th-percentile magnitude of the zero-filled image is 1.
+    problem, scale = normalise(InverseProblem(operator, y, sigma_kspace), percentile=NORMALISATION_PERCENTILE)
+    zero_filled = real_to_complex(operator.A_adjoint(y))[0]
     cropped = center_crop(zero_filled, recon_size).abs().cpu().numpy()
     return SliceProblem(problem, scale, sigma_kspace, cropped)
 
