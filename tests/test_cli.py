@@ -1,0 +1,131 @@
+"""The command line: exit 0 on success, 2 with one line naming the problem on bad input, never a partial file."""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from invdiff.cli import main
+from invdiff.datasets.synthetic import write_fake_fastmri
+
+
+def _good_scan(path: Path, **kwargs) -> Path:
+    image = np.zeros((1, 24, 16))
+    image[:, 6:18, 4:12] = 1.0
+    write_fake_fastmri(path, image, num_coils=2, seed=0, **kwargs)
+    return path
+
+
+def _rewrite(path: Path, key: str, value=None) -> Path:
+    with h5py.File(path, "a") as h5:
+        del h5[key]
+        if value is not None:
+            h5.create_dataset(key, data=value)
+    return path
+
+
+def _malformed(kind: str, folder: Path) -> Path:
+    path = folder / f"{kind}.h5"
+    if kind == "missing":
+        return path
+    if kind == "text":
+        path.write_text("not a scan\n")
+        return path
+    if kind == "random_bytes":
+        path.write_bytes(np.random.RandomState(0).bytes(2048))
+        return path
+    _good_scan(path)
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "no_kspace":
+        _rewrite(path, "kspace")
+    elif kind == "float_kspace":
+        with h5py.File(path, "r") as h5:
+            real = np.abs(h5["kspace"][()]).astype(np.float32)
+        _rewrite(path, "kspace", real)
+    elif kind == "wrong_ndim":
+        _rewrite(path, "kspace", np.zeros((4, 4), np.complex64))
+    elif kind == "nan_kspace":
+        with h5py.File(path, "a") as h5:
+            k = h5["kspace"][()]
+            k[0, 0, 0, 0] = np.nan
+            h5["kspace"][...] = k
+    elif kind == "mask_length":
+        with h5py.File(path, "a") as h5:
+            h5.create_dataset("mask", data=np.ones(h5["kspace"].shape[-1] - 1, dtype=bool))
+    return path
+
+
+CASES = ["missing", "text", "random_bytes", "truncated", "no_kspace", "float_kspace", "wrong_ndim", "nan_kspace",
+         "mask_length"]
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_malformed_scan_exits_2_with_one_line_and_no_output(kind, tmp_path, capsys):
+    scan = _malformed(kind, tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    status = main(["reconstruct", str(scan), "--solver", "zero-filled", "--out", str(out_dir / "r.h5"),
+                   "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("invdiff: error:") and "\n" not in err, err
+    assert scan.name in err, err
+    assert list(out_dir.iterdir()) == [], "a failed run must leave no output"
+
+
+def test_output_in_missing_folder(tmp_path, capsys):
+    scan = _good_scan(tmp_path / "scan.h5")
+    status = main(["reconstruct", str(scan), "--out", str(tmp_path / "nope" / "r.h5"), "--no-progress"])
+    assert status == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("header", ["missing", "malformed"])
+def test_bad_header_falls_back_with_a_warning(header, tmp_path, capsys, caplog):
+    scan = _good_scan(tmp_path / "scan.h5")
+    with h5py.File(scan, "a") as h5:
+        del h5["ismrmrd_header"]
+        if header == "malformed":
+            h5.create_dataset("ismrmrd_header", data=b"<ismrmrdHeader><encoding>")
+    out = tmp_path / "r.h5"
+    status = main(["reconstruct", str(scan), "--solver", "zero-filled", "--accel", "2", "--center-fraction", "0.3",
+                   "--out", str(out), "--no-progress"])
+    assert status == 0 and out.exists()
+    assert any("header" in r.getMessage().lower() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_reconstruct_writes_submission_file_and_metrics(tmp_path, capsys):
+    scan = _good_scan(tmp_path / "scan.h5")
+    out = tmp_path / "r.h5"
+    status = main(["reconstruct", str(scan), "--solver", "cg-sense", "--accel", "2", "--center-fraction", "0.3",
+                   "--out", str(out), "--png", "--no-progress", "--set", "max_iter=5"])
+    text = capsys.readouterr().out
+    assert status == 0 and "PSNR" in text and "fastMRI" in text
+    with h5py.File(out, "r") as h5:
+        assert h5["reconstruction"].dtype == np.float32 and h5["reconstruction"].ndim == 3
+        assert h5.attrs["solver"] == "cg-sense" and "max_iter" in h5.attrs["hyperparameters"]
+    assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["reconstruct", "x.h5", "--out", "o.h5", "--solver", "nope"], "unknown sampler 'nope'"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--set", "bogus=1"], "no hyperparameter 'bogus'"),
+    (["info", "nothing-here"], "no operator, sampler or prior"),
+])
+def test_bad_arguments_exit_2(argv, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _good_scan(tmp_path / "x.h5")
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_list_and_info(capsys):
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    for name in ("cartesian_mri", "sense_mri", "parallel_beam_ct", "inpainting", "cg-sense", "reddiff"):
+        assert name in text
+    assert main(["info", "cg-sense"]) == 0
+    assert "lam" in capsys.readouterr().out
