@@ -14,13 +14,6 @@ from invdiff.priors.unconditional import sample_unconditional, save_sample_grid
 from invdiff.priors.unet import EDMUNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

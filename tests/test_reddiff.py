@@ -30,14 +30,6 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (30x slower on a loaded 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _gaussian_problem(d=16, m=8, sigma_y=0.1, seed=0, dtype=F64):
     """A Gaussian prior with eigenvalues 0.05..2 in a random basis and a random (m, d) operator."""

@@ -10,14 +10,6 @@ from invdiff.datasets import training as data
 from invdiff.priors import train as T
 from invdiff.priors.unet import EDMUNet, UNetConfig
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one thread is faster than two on a shared 2-core machine (no oversubscription)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 TINY_UNET = UNetConfig(channels=1, base_channels=8, channel_mults=(1, 2), embedding_dim=16).to_dict()
 
