@@ -136,5 +136,5 @@ def test_deepinv_tools_accept_it(name):
     """deepinv's own algorithms run on our operators (they subclass LinearPhysics)."""
     op = _example(name)
     x = _randn((1, *op.in_shape), torch.float32, 11)
-    norm = op.compute_norm(x, max_iter=30, tol=1e-4, verbose=False)
+    norm = op.compute_sqnorm(x, max_iter=30, tol=1e-4, verbose=False)
     assert torch.isfinite(torch.as_tensor(norm)) and float(norm) > 0
