@@ -342,7 +342,7 @@ def run(brain: str | None, ct: str | None, *, quick: bool, figures: Path | None)
                   "wavelet": f"skimage denoise_wavelet (soft, rescale_sigma=True), tuned: method {WAVELET_METHODS}, "
                              f"wavelet {WAVELETS}, threshold sigma on a log grid in [sigma/8, 4 sigma]",
                   "psnr": "10 log10(1 / MSE) over the whole image, every estimate clipped to [0, 1]",
-                  "ct_seeds": f"2**62 + k; training draws phantom seeds from [0, 2**62)"},
+                  "ct_seeds": "2**62 + k; training draws phantom seeds from [0, 2**62)"},
               "priors": {}}
     plans = []
     if brain:
