@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
+
+from invdiff.io import atomic_path
 
 from invdiff.schedules import karras
 
@@ -48,7 +49,8 @@ def sample_unconditional(prior, n: int, size, steps: int = 40, generator: torch.
 
 def save_sample_grid(samples: torch.Tensor, path, *, ncols: int | None = None, title: str | None = None) -> Path:
     """Save (N, C, H, W) samples as a grayscale grid PNG: the channel for C = 1, the magnitude sqrt(re^2 + im^2)
-    for C = 2. Each image uses the common range [0, 99.5th percentile of all images]."""
+    for C = 2. Each image uses the common range [0, 99.5th percentile of all images]: images are non-negative
+    intensities, so small negative values of a sample (noise around air) show as black, not grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +61,7 @@ def save_sample_grid(samples: torch.Tensor, path, *, ncols: int | None = None, t
     images = samples.detach().float().cpu()
     images = images[:, 0] if images.shape[1] == 1 else images.norm(dim=1)
     vmax = float(torch.quantile(images.abs().flatten(), 0.995)) or 1.0
-    vmin = min(0.0, float(images.min()))
+    vmin = 0.0
     n = images.shape[0]
     ncols = ncols or min(n, 8)
     nrows = math.ceil(n / ncols)
@@ -71,11 +73,9 @@ def save_sample_grid(samples: torch.Tensor, path, *, ncols: int | None = None, t
         ax.imshow(image.numpy(), cmap="gray", vmin=vmin, vmax=vmax)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(pad=0.4, h_pad=0.4, w_pad=0.4)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
