@@ -54,7 +54,8 @@ def map_particles(fn: Callable[[torch.Tensor], torch.Tensor], xs: torch.Tensor) 
 
     With B = 1 the particles simply become the batch (operators broadcast batch-1 masks and maps). With B > 1
     an operator may hold one mask or coil map per problem, so ``torch.func.vmap`` maps over the particle axis
-    and each call sees the batch B it was built for -- still one batched computation, no Python loop.
+    and each call sees the batch B it was built for -- still one batched computation, no Python loop (torch 2.x
+    has no vmap rule for ``segment_reduce``, so CT's adjoint falls back to a slower per-particle path when B > 1).
     """
     n, b = xs.shape[:2]
     if b == 1:
@@ -130,7 +131,8 @@ class TiltedGaussian:
         self.y = problem.y.to(self.dtype)
         self.batch = self.y.shape[0]
         self.in_shape = tuple(self.operator.in_shape)
-        self.cg_tol = (1e-10 if self.dtype == torch.float64 else 1e-6) if cg_tol is None else _positive("cg_tol", cg_tol)
+        default_tol = 1e-10 if self.dtype == torch.float64 else 1e-6
+        self.cg_tol = default_tol if cg_tol is None else _positive("cg_tol", cg_tol)
         self.cg_max_iter = int(cg_max_iter)
         self.cg_relative_residual = None   # set by solve(): worst relative residual of the last solve
 
