@@ -71,11 +71,16 @@ NOT_AVAILABLE = "n/a"
 # family, as the DPS paper does: a sweep over 4 values at 100 steps, seed 0, on a tuning image that is not a
 # test image (MRI: slice 1 of brain_multislice_multicoil.h5 at 4x; CT: phantom 1 'ellipses_seed11' at 60 views;
 # inpainting and SR: the multislice sample's slice 0), best PSNR; see recipes/README.md for the commands and
-# numbers. RED-Diff starts from FBP on CT (its A^+ y default is a 500-iteration CG there, slow and
-# noise-amplifying: the sampler's docstring recommends "fbp" for ill-conditioned operators).
+# numbers. RED-Diff on CT: it starts from FBP (its A^+ y default is a 500-iteration CG there, slow and
+# noise-amplifying: the sampler's docstring recommends "fbp" for ill-conditioned operators), and its lam is
+# tuned by the same protocol (of 1e3, 3e3, 1e4, 3e4, 1e5). lam is an absolute precision on the image while the
+# data term's curvature is ||A||^2 / sigma_y^2: ~6e3 for normalised MRI (||A|| = 1, sigma_y ~ 0.0126) but ~6e5
+# for this CT (||A||^2 ~ 7.5e3 at 60 views, sigma_y ~ 0.11), so the registered lam = 100 leaves CT almost
+# unregularised; the tuned 1e4 is the same ratio lam sigma_y^2 / ||A||^2 ~ 0.016 as lam = 100 on MRI.
 TASK_SETTINGS = {
     "mri": {"dps": {"zeta": 3.0}},                                   # of 0.3, 1, 3, 10
-    "ct": {"dps": {"zeta": 0.03}, "reddiff": {"init": "fbp"}},      # of 0.003, 0.01, 0.03, 0.1
+    "ct": {"dps": {"zeta": 0.03},                                   # of 0.003, 0.01, 0.03, 0.1
+           "reddiff": {"init": "fbp", "lam": 1e4}},
     "inpainting": {"dps": {"zeta": 3.0}},                            # of 0.3, 1, 3, 10 (random and box)
     "sr": {"dps": {"zeta": 10.0}},                                   # of 1, 3, 10, 30
 }
@@ -894,5 +899,6 @@ __all__ = ["Task", "TaskImage", "SolverRow", "SolverPlan", "ComparisonReport", "
            "scan_tasks", "ct_task", "inpainting_task", "superres_task", "block_average", "smooth_gaussian_prior",
            "run_solver", "plan_solvers", "check_solvers", "parse_solver_list", "parse_accelerations",
            "parse_set_options", "problem_fingerprint", "write_metrics_csv", "write_task_figure",
-           "write_reconstructions", "add_compare_parser", "run_compare", "config_parser", "parse_config", "CSV_COLUMNS", "SEED_STRIDE",
+           "write_reconstructions", "add_compare_parser", "run_compare", "config_parser", "parse_config",
+           "CSV_COLUMNS", "SEED_STRIDE",
            "TASK_SETTINGS", "task_settings", "apply_overrides"]

@@ -12,8 +12,9 @@ CT uses the prior's fixed scale ``(HU + 1000) / 2000`` in [0, 1]: no percentile 
 Writes ``metrics.csv``, ``grid-ct-30.png``, ``grid-ct-60.png`` and ``compare.json`` into ``--out``. Settings:
 classical solvers as registered (FBP with the ramp filter is the baseline); diffusion solvers at ``--steps``;
 RED-Diff initialised with FBP (``--reddiff-init``; its pseudo-inverse default is a 500-iteration CG on the
-normal equations here, slow and noise-amplifying); DPS with ``--dps-zeta``; DDRM is listed to show it cannot run
-on CT (no SVD), its row reads n/a.
+normal equations here, slow and noise-amplifying) and with ``--reddiff-lam`` (tuned: the registered lam = 100
+is calibrated for operators with ||A|| <= 1, while ||A||^2 ~ 7.5e3 here); DPS with ``--dps-zeta``; DDRM is
+listed to show it cannot run on CT (no SVD), its row reads n/a.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class Config:
     steps: int = 100
     prior: str = "ct-phantom"                    # shipped name, exported path, or "analytic"
     reddiff_init: str = TASK_SETTINGS["ct"]["reddiff"]["init"]
+    reddiff_lam: float = TASK_SETTINGS["ct"]["reddiff"]["lam"]  # tuned, see invdiff.compare.TASK_SETTINGS
     dps_zeta: float = TASK_SETTINGS["ct"]["dps"]["zeta"]      # tuned, see invdiff.compare.TASK_SETTINGS
     overrides: tuple[str, ...] = ()              # SOLVER:NAME=VALUE, comma-separated (e.g. reddiff:lam=300)
     seed: int = 0
@@ -87,7 +89,7 @@ def run(config: Config):
         task.info["phantoms"] = names
         task.solver_overrides = task_settings("ct", config.solvers)
         if "reddiff" in task.solver_overrides:
-            task.solver_overrides["reddiff"]["init"] = config.reddiff_init
+            task.solver_overrides["reddiff"].update(init=config.reddiff_init, lam=config.reddiff_lam)
         if "dps" in task.solver_overrides:
             task.solver_overrides["dps"]["zeta"] = config.dps_zeta
     if config.prior == "analytic":

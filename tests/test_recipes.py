@@ -59,6 +59,7 @@ def test_compare_ct_tiny(repo, tmp_path):
     tasks = [f"ct-{views}" for views in config.views]
     _check(tmp_path, config, tasks, ["fbp"] * len(tasks), not_applicable={"ddrm"})
     assert report.row("reddiff", tasks[0]).hyperparameters["init"] == "fbp"
+    assert report.row("reddiff", tasks[0]).hyperparameters["lam"] == config.reddiff_lam
     assert report.tasks[0].images[0].info["scale"] == 1.0           # CT keeps its fixed scale
 
 
