@@ -24,6 +24,11 @@ def _run(name, problem, **kw):
     return get_sampler(name).factory(problem, None, **kw).x
 
 
+def _norm_squared(problem):
+    """The ``||A||^2`` the solvers scale ``lam`` by (their power-iteration estimate, read from diagnostics)."""
+    return get_sampler("tv").factory(problem, None, max_iter=0).diagnostics["operator_norm_squared"]
+
+
 def test_zero_filled_is_the_adjoint():
     problem, _ = _problem()
     assert torch.allclose(_run("zero-filled", problem), problem.operator.A_adjoint(problem.y))
@@ -33,7 +38,9 @@ def test_cg_matches_tikhonov_closed_form():
     problem, _ = _problem()
     A = to_dense(problem.operator)
     lam = 0.05
-    expected = torch.linalg.solve(A.T @ A + lam * torch.eye(A.shape[1], dtype=A.dtype), A.T @ problem.y[0])
+    ridge = lam * _norm_squared(problem)                              # lam is relative to ||A||^2
+    assert abs(ridge / (lam * torch.linalg.matrix_norm(A, 2) ** 2) - 1.01) < 1e-3
+    expected = torch.linalg.solve(A.T @ A + ridge * torch.eye(A.shape[1], dtype=A.dtype), A.T @ problem.y[0])
     got = _run("cg-sense", problem, lam=lam, max_iter=200, tol=1e-12)
     assert torch.allclose(got.flatten(), expected, atol=1e-8)
 
@@ -97,8 +104,9 @@ def _objective(problem, x, lam, solver):
 def test_solution_matches_an_independent_solver(solver, kw):
     """Same convex objective solved by FISTA/PDHG and by L-BFGS(-B): equal optimal values and points."""
     problem, _ = _problem()
-    lam = 0.02
-    x = _run(solver, problem, lam=lam, **kw)
+    relative_lam = 0.02
+    x = _run(solver, problem, lam=relative_lam, **kw)
+    lam = relative_lam * _norm_squared(problem)                       # the weight in the solved objective
     if solver == "tv":
         reference = _tv_reference(problem, lam)
     else:
@@ -108,6 +116,24 @@ def test_solution_matches_an_independent_solver(solver, kw):
     ours, best = _objective(problem, x, lam, solver), _objective(problem, reference, lam, solver)
     assert ours <= best * (1 + 1e-4) + 1e-9, f"{solver}: objective {ours:.8f} vs reference {best:.8f}"
     assert (x - reference).norm() / reference.norm() < 2e-2
+
+
+@pytest.mark.parametrize("solver,kw", [("l1-wavelet", {"levels": 1, "max_iter": 50}), ("tv", {"max_iter": 50}),
+                                       ("cg-sense", {"max_iter": 20})])
+def test_solution_does_not_depend_on_the_operator_scale(solver, kw):
+    """``lam`` is relative to ``||A||^2`` and ``x_0 = A^T y / ||A||^2``: A -> c A, y -> c y gives the same iterates."""
+    problem, _ = _problem()
+    scaled_operator = MatrixOperator(30.0 * to_dense(problem.operator), problem.operator.in_shape)
+    scaled = invdiff.InverseProblem(scaled_operator, 30.0 * problem.y, 30.0 * problem.sigma_y)
+    x = _run(solver, problem, lam=0.02, generator=torch.Generator().manual_seed(0), **kw)
+    x_scaled = _run(solver, scaled, lam=0.02, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.allclose(x, x_scaled, rtol=1e-6, atol=1e-9)
+
+
+def test_unknown_initialisation_is_refused():
+    problem, _ = _problem()
+    with pytest.raises(ValueError, match="init must be one of"):
+        _run("tv", problem, init="median")
 
 
 def test_wavelet_is_unitary():

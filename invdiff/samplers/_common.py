@@ -1,5 +1,6 @@
 """Pure shared pieces of the samplers: the result type, the callback protocol and small helpers with no
-sampler logic (sigma batches, seeded noise, the network boundary with its NFE / time counter, timers).
+sampler logic (sigma batches, seeded noise, the network boundary with its NFE / time counter, timers, the
+starting points ``initial_mean``).
 
     >>> calls = NetworkCalls()
     >>> x0_hat = call_prior(prior, x, expand_sigma(0.5, x), calls)       # calls.nfe == 1
@@ -10,9 +11,12 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from invdiff.problem import InverseProblem
 
 
 @dataclass
@@ -168,3 +172,27 @@ def timed(sync_like: torch.Tensor | None = None) -> Iterator[Timer]:
 def batch_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over every axis but the first: (B, ...) -> (B,)."""
     return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+# The starting points a sampler or iterative solver may begin from (RED-Diff's mu_0, the classical solvers' x_0).
+INITIALISATIONS = ("pinv", "adjoint", "zeros", "fbp")
+
+
+def initial_mean(problem: InverseProblem, init: str, dtype: torch.dtype) -> torch.Tensor:
+    """``mu_0``: ``A^+ y`` ("pinv"), ``A^T y`` ("adjoint", zero-filled for MRI), ``fbp(y)`` ("fbp") or zeros."""
+    operator, y = problem.operator, problem.y
+    with torch.no_grad():
+        if init == "pinv":
+            mu = operator.A_dagger(y)
+        elif init in ("adjoint", "zeros"):
+            mu = operator.A_adjoint(y)
+            mu = torch.zeros_like(mu) if init == "zeros" else mu
+        elif init == "fbp":
+            fbp = getattr(operator, "fbp", None)
+            if fbp is None:
+                raise ValueError(f"init='fbp' needs an operator with an fbp() method; {type(operator).__name__} "
+                                 f"has none (use 'pinv', 'adjoint' or 'zeros')")
+            mu = fbp(y)
+        else:
+            raise ValueError(f"init must be one of {', '.join(INITIALISATIONS)}; got {init!r}")
+    return mu.detach().to(dtype).clone()

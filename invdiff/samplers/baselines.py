@@ -3,8 +3,12 @@
 Each takes ``(problem, prior=None, *, ..., generator=None, callback=None)`` and returns a ``SampleResult`` so
 recipes compare them with the diffusion samplers like for like. They are generic over invdiff operators (only
 ``A``, ``A_adjoint`` and, for FBP, ``fbp``), so they also run on user operators. Regularisation weights are in the
-normalised image scale (the solver pipeline scales scans so the image's 99.5th-percentile magnitude is ~1); the
-defaults were chosen by a sweep on slices 1-2 of ``data/brain_multislice_multicoil.h5`` at 4x (best PSNR), not on
+normalised image scale (the solver pipeline scales scans so the image's 99.5th-percentile magnitude is ~1) and,
+for the iterative solvers, relative to ``||A||^2``: the objective is ``1/2 ||A x - y||^2 + lam ||A||^2 R(x)``, so
+one ``lam`` means the same data/prior balance whether ``||A|| = 1`` (normalised MRI, inpainting) or
+``||A||^2 ~ 7.5e3`` (60-view CT of a 128-pixel image), and the iterative solvers start from
+``A^T y / ||A||^2`` (the back-projection brought to the image's scale; ``init="fbp"`` or ``"pinv"`` where
+better). For normalised operators both are exactly the textbook form. The defaults were chosen by a sweep on slices 1-2 of ``data/brain_multislice_multicoil.h5`` at 4x (best PSNR), not on
 the T1 sample that the README reports.
 
 Complex MRI images (C = 2) are regularised as complex numbers: the wavelet and TV penalties act on the modulus
@@ -21,7 +25,7 @@ import torch
 from invdiff.operators.base import conjugate_gradient
 from invdiff.problem import InverseProblem
 from invdiff.registry import register_sampler
-from invdiff.samplers._common import SampleResult
+from invdiff.samplers._common import SampleResult, initial_mean
 
 
 def _done(x: torch.Tensor, start: float, **diagnostics) -> SampleResult:
@@ -30,15 +34,30 @@ def _done(x: torch.Tensor, start: float, **diagnostics) -> SampleResult:
 
 def operator_norm_squared(operator, like: torch.Tensor, iterations: int = 30,
                           generator: torch.Generator | None = None) -> float:
-    """``||A||^2`` by power iteration on ``A^T A`` (a slight over-estimate is added for safe step sizes)."""
+    """``||A||^2`` by power iteration on ``A^T A`` (a slight over-estimate is added for safe step sizes).
+
+    The start vector comes from ``generator``, or from a private generator seeded 0 when none is given (never
+    the global RNG), so the classical solvers' step sizes and ``lam`` scaling are deterministic per problem.
+    """
     if getattr(operator, "normalized", False):
         return 1.0
+    if generator is None:
+        generator = torch.Generator(device=like.device).manual_seed(0)
     x = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     value = 1.0
     for _ in range(iterations):
         x = operator.normal(x / x.norm())
         value = float(x.norm())
     return 1.01 * value
+
+
+def _starting_point(problem: InverseProblem, init: str, lipschitz: float) -> torch.Tensor:
+    """``x_0`` of an iterative solver: ``A^T y / ||A||^2`` for "adjoint" (``A^T y`` itself when ``||A|| = 1``;
+    for CT the raw back-projection is ~``||A||^2`` times the image's scale and 200 iterations do not undo it),
+    otherwise as :func:`invdiff.samplers._common.initial_mean`."""
+    if init == "adjoint":
+        return problem.operator.A_adjoint(problem.y) / lipschitz
+    return initial_mean(problem, init, problem.y.dtype)
 
 
 @register_sampler("zero-filled", kind="classical")
@@ -58,14 +77,17 @@ def sample_pinv(problem: InverseProblem, prior=None, *, generator=None, callback
 @register_sampler("cg-sense", kind="classical")
 def sample_cg_sense(problem: InverseProblem, prior=None, *, lam: float = 1e-2, max_iter: int = 50,
                     tol: float = 1e-6, generator=None, callback=None) -> SampleResult:
-    """Tikhonov-regularised least squares ``argmin ||A x - y||^2 + lam ||x||^2`` by conjugate gradients.
+    """Tikhonov-regularised least squares ``argmin ||A x - y||^2 + lam ||A||^2 ||x||^2`` by conjugate gradients
+    (``||A||^2 = 1`` for normalised operators; see the module docstring).
 
     For SENSE MRI this is CG-SENSE (Pruessmann et al. 2001) with a small ridge; for other operators, CGLS.
     """
     start = time.perf_counter()
     op = problem.operator
-    x = conjugate_gradient(lambda v: op.normal(v) + lam * v, op.A_adjoint(problem.y), max_iter=max_iter, tol=tol)
-    return _done(x, start, lam=lam)
+    adjoint = op.A_adjoint(problem.y)
+    ridge = lam * operator_norm_squared(op, adjoint)
+    x = conjugate_gradient(lambda v: op.normal(v) + ridge * v, adjoint, max_iter=max_iter, tol=tol)
+    return _done(x, start, lam=lam, ridge=ridge)
 
 
 @register_sampler("fbp", kind="classical")
@@ -116,32 +138,36 @@ def _soft_threshold_modulus(coefficients: np.ndarray, threshold: float, complex_
 
 @register_sampler("l1-wavelet", kind="classical")
 def sample_l1_wavelet(problem: InverseProblem, prior=None, *, lam: float = 1e-3, max_iter: int = 100,
-                      wavelet: str = "db4", levels: int = 4, generator=None, callback=None) -> SampleResult:
-    """``argmin 1/2 ||A x - y||^2 + lam ||W x||_1`` by FISTA (Beck & Teboulle 2009) with an orthonormal wavelet W.
+                      wavelet: str = "db4", levels: int = 4, init: str = "adjoint", generator=None,
+                      callback=None) -> SampleResult:
+    """``argmin 1/2 ||A x - y||^2 + lam ||A||^2 ||W x||_1`` by FISTA (Beck & Teboulle 2009) with an orthonormal
+    wavelet W, from ``init`` (see the module docstring for the ``||A||^2`` scaling).
 
     For complex MRI images the penalty is on the modulus of each complex wavelet coefficient (the standard
     compressed-sensing MRI baseline, as in sigpy's L1WaveletRecon).
     """
     start = time.perf_counter()
     op, y = problem.operator, problem.y
-    x = op.A_adjoint(y)
+    adjoint = op.A_adjoint(y)
+    lipschitz = operator_norm_squared(op, adjoint)
+    x = _starting_point(problem, init, lipschitz)
     b, c, h, w = x.shape
     max_levels = pywt.dwt_max_level(min(h, w), pywt.Wavelet(wavelet).dec_len)
     transform = _OrthonormalWavelet((h, w), wavelet, max(1, min(levels, max_levels)))
-    step = 1.0 / operator_norm_squared(op, x, generator=generator)
+    step = 1.0 / lipschitz
     complex_pairs = c == 2 and getattr(op, "complex_image", c == 2)
     z, t = x.clone(), 1.0
     for _ in range(max_iter):
         gradient_point = z - step * op.A_adjoint(op.A(z) - y)
         coefficients = transform.forward(gradient_point.detach().cpu().double().numpy())
         coefficients = coefficients.reshape(b, c, *coefficients.shape[1:])
-        coefficients = _soft_threshold_modulus(coefficients, step * lam, complex_pairs)
+        coefficients = _soft_threshold_modulus(coefficients, step * lam * lipschitz, complex_pairs)
         x_next = torch.from_numpy(transform.inverse(coefficients.reshape(b * c, *coefficients.shape[2:]),
                                                     (b, c, h, w))).to(x)
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         z = x_next + ((t - 1) / t_next) * (x_next - x)
         x, t = x_next, t_next
-    return _done(x, start, lam=lam, iterations=max_iter)
+    return _done(x, start, lam=lam, iterations=max_iter, init=init, operator_norm_squared=lipschitz)
 
 
 # ---- Total variation: primal-dual (Chambolle & Pock 2011) ------------------------------------------------
@@ -168,8 +194,9 @@ def _gradient_adjoint(g: torch.Tensor) -> torch.Tensor:
 
 @register_sampler("tv", kind="classical")
 def sample_tv(problem: InverseProblem, prior=None, *, lam: float = 1e-2, max_iter: int = 200,
-              generator=None, callback=None) -> SampleResult:
-    """``argmin 1/2 ||A x - y||^2 + lam TV(x)`` (isotropic TV; the complex pair shares one modulus).
+              init: str = "adjoint", generator=None, callback=None) -> SampleResult:
+    """``argmin 1/2 ||A x - y||^2 + lam ||A||^2 TV(x)`` (isotropic TV; the complex pair shares one modulus), from
+    ``init`` (see the module docstring for the ``||A||^2`` scaling; below ``lam`` stands for ``lam ||A||^2``).
 
     Condat-Vu primal-dual splitting (Condat 2013, Alg. 3.1): a gradient step on the smooth data term with
     Lipschitz constant ``L = ||A||^2`` and a dual step on TV, ``q`` constrained to ``|q| <= lam``:
@@ -180,14 +207,15 @@ def sample_tv(problem: InverseProblem, prior=None, *, lam: float = 1e-2, max_ite
     """
     start = time.perf_counter()
     op, y = problem.operator, problem.y
-    x = op.A_adjoint(y)
-    lipschitz = operator_norm_squared(op, x, generator=generator)
+    lipschitz = operator_norm_squared(op, op.A_adjoint(y))
+    x = _starting_point(problem, init, lipschitz)
+    weight = lam * lipschitz
     tau = 1.0 / lipschitz
     dual_step = lipschitz / 16
     q = torch.zeros_like(_gradient(x))
     for _ in range(max_iter):
         x_next = x - tau * (op.A_adjoint(op.A(x) - y) + _gradient_adjoint(q))
         q = q + dual_step * _gradient(2 * x_next - x)
-        q = q / torch.clamp(torch.sqrt((q ** 2).sum(dim=(1, 2), keepdim=True)) / lam, min=1.0)  # |q| <= lam
+        q = q / torch.clamp(torch.sqrt((q ** 2).sum(dim=(1, 2), keepdim=True)) / weight, min=1.0)  # |q| <= lam
         x = x_next
-    return _done(x, start, lam=lam, iterations=max_iter)
+    return _done(x, start, lam=lam, iterations=max_iter, init=init, operator_norm_squared=lipschitz)

@@ -96,13 +96,13 @@ import torch
 
 from invdiff.problem import InverseProblem
 from invdiff.registry import register_sampler
-from invdiff.samplers._common import (NetworkCalls, SampleResult, batch_sum, call_prior, expand_sigma,
-                                      first_generator, notify, randn_like, timed, trajectory_of)
+from invdiff.samplers._common import (INITIALISATIONS, NetworkCalls, SampleResult, batch_sum, call_prior,
+                                      expand_sigma, first_generator, initial_mean, notify, randn_like, timed,
+                                      trajectory_of)
 from invdiff.schedules import karras
 
 log = logging.getLogger(__name__)
 
-INITIALISATIONS = ("pinv", "adjoint", "zeros", "fbp")
 TIME_ORDERS = ("descending", "random")
 ADAM_BETAS = (0.9, 0.99)     # the paper's choice (Adam's default beta2 is 0.999)
 
@@ -121,26 +121,6 @@ def noise_levels(steps: int, sigma_min: float, sigma_max: float, time_order: str
     device = generator.device if generator is not None else torch.device("cpu")
     order = torch.randperm(len(grid), generator=generator, device=device).cpu()
     return grid[order]
-
-
-def initial_mean(problem: InverseProblem, init: str, dtype: torch.dtype) -> torch.Tensor:
-    """``mu_0``: ``A^+ y`` ("pinv"), ``A^T y`` ("adjoint", zero-filled for MRI), ``fbp(y)`` ("fbp") or zeros."""
-    operator, y = problem.operator, problem.y
-    with torch.no_grad():
-        if init == "pinv":
-            mu = operator.A_dagger(y)
-        elif init in ("adjoint", "zeros"):
-            mu = operator.A_adjoint(y)
-            mu = torch.zeros_like(mu) if init == "zeros" else mu
-        elif init == "fbp":
-            fbp = getattr(operator, "fbp", None)
-            if fbp is None:
-                raise ValueError(f"init='fbp' needs an operator with an fbp() method; {type(operator).__name__} "
-                                 f"has none (use 'pinv', 'adjoint' or 'zeros')")
-            mu = fbp(y)
-        else:
-            raise ValueError(f"init must be one of {', '.join(INITIALISATIONS)}; got {init!r}")
-    return mu.detach().to(dtype).clone()
 
 
 def _check_arguments(steps, lr, lam, time_order, sigma_min, sigma_max) -> None:
