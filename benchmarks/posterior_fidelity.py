@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from invdiff.io import atomic_open, atomic_write_json
 from invdiff.metrics_distributions import sliced_wasserstein
 from invdiff.operators.inpainting import Inpainting
 from invdiff.operators.matrix import MatrixOperator
@@ -204,9 +205,10 @@ def markdown(report: dict) -> str:
                   "| sampler | " + " | ".join(f"N = {n}" for n in sizes) + " |",
                   "|---|" + "---|" * len(sizes)]
         for label, row in case["rows"].items():
-            cells = [_cell(row["by_size"].get(n)) for n in sizes]
+            # int keys in memory, str keys once the report has been through JSON (the Markdown can be rebuilt from it)
+            cells = [_cell(row["by_size"].get(n, row["by_size"].get(str(n)))) for n in sizes]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        if case["skipped"]:
+        if case.get("skipped"):
             lines.append(f"\nNot registered when this ran (skipped): {', '.join(case['skipped'])}.")
         lines.append("")
     lines += ["SMC rows use N weighted particles per run; RED-Diff / DPS / DiffPIR rows use N independent chains "
@@ -234,7 +236,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sets and short runs (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--markdown-from", type=Path, metavar="JSON",
+                        help="only rewrite the Markdown report of an existing JSON report (no sampling)")
     args = parser.parse_args(argv)
+    if args.markdown_from:
+        report = json.loads(args.markdown_from.read_text())
+        with atomic_open(args.markdown_from.with_suffix(".md")) as handle:
+            handle.write(markdown(report))
+        return report
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = [16, 64] if args.quick else [16, 64, 256, 1024]
     repeats = 2 if args.quick else args.repeats
@@ -260,8 +269,9 @@ def main(argv=None) -> dict:
     report["cpu_seconds"] = time.process_time() - cpu_start
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"posterior_fidelity-{report['date']}{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    atomic_write_json(stem.with_suffix(".json"), report)
+    with atomic_open(stem.with_suffix(".md")) as handle:
+        handle.write(markdown(report))
     log.info("wrote %s.json and .md", stem)
     return report
 
