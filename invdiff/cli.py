@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", default=None, help="write a grid of the samples to this PNG")
     p.set_defaults(run=_cmd_sample_prior)
+
+    from invdiff.compare import add_compare_parser   # its options live next to the code they drive
+    add_compare_parser(sub)
     return parser
 
 

@@ -164,6 +164,19 @@ def test_cli_handler_runs_and_reports(scan, tmp_path):
     assert "| 4x | cg-sense |" in stream.getvalue() and (tmp_path / "metrics.csv").is_file()
 
 
+def test_invdiff_compare_is_mounted_in_the_cli(scan, tmp_path, capsys):
+    """`invdiff compare` as a user types it: exit 0 with a table; a bad solver list exits 2 and writes nothing."""
+    from invdiff.cli import main
+    common = ["--accel", "4", "--set", "cg-sense:max_iter=5", "--center-fraction", str(CENTER_FRACTION),
+              "--no-progress", "--device", "cpu"]
+    assert main(["compare", str(scan), "--solvers", "cg-sense", "--out", str(tmp_path / "ok"), *common]) == 0
+    assert "| 4x | cg-sense |" in capsys.readouterr().out
+    assert (tmp_path / "ok" / "metrics.csv").is_file()
+    assert main(["compare", str(scan), "--solvers", "cg-sense,fancy-net", "--out", str(tmp_path / "bad"),
+                 *common]) == 2
+    assert "fancy-net" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_override_parsing():
     assert parse_set_options(["reddiff:lam=50", "dps:zeta=0.3", "reddiff:lr=0.1"]) == {
         "reddiff": ["lam=50", "lr=0.1"], "dps": ["zeta=0.3"]}
