@@ -145,13 +145,18 @@ class Task:
         return tuple(self.images[0].problem.operator.in_shape)
 
 
-def magnitude_image(x: torch.Tensor, *, scale: float, crop: tuple[int, int] | None = None) -> np.ndarray:
-    """``|x| * scale`` of a (1, 2, H, W) complex image (modulus over the (real, imag) pair), optionally centre
-    cropped to ``crop`` as fastMRI crops its targets: (h, w) float32."""
+def magnitude_image(x: torch.Tensor, *, scale: float, crop: tuple[int, int] | None = None,
+                    support: torch.Tensor | None = None) -> np.ndarray:
+    """``|x| * scale`` of a (1, 2, H, W) complex image (modulus over the (real, imag) pair), zero outside
+    ``support`` (the operator's image support, see :meth:`invdiff.operators.base.Operator.image_support`), optionally
+    centre cropped to ``crop`` as fastMRI crops its targets: (h, w) float32."""
     from invdiff.datasets.fastmri import center_crop
     from invdiff.operators.fft import real_to_complex
 
-    image = real_to_complex(x.detach().to(torch.float32))[0] * scale
+    x = x.detach()
+    if support is not None:
+        x = torch.where(support.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    image = real_to_complex(x.to(torch.float32))[0] * scale
     if crop is not None:
         image = center_crop(image, crop)
     return image.abs().cpu().numpy().astype(np.float32)
@@ -204,7 +209,9 @@ def scan_tasks(scan: str | Path, accelerations: Sequence[int], *, slices: str | 
                                               cache_key=(str(scan), index, calibration))
                 item = build_slice_problem(kspace, mask, recon_size, device=device, coil_maps=maps)
                 images.append(TaskImage(item.problem, np.asarray(opened.target(index), dtype=np.float32),
-                                        functools.partial(magnitude_image, scale=item.scale, crop=recon_size),
+                                        # SENSE images live on the coil-map support (same rule as reconstruct)
+                                        functools.partial(magnitude_image, scale=item.scale, crop=recon_size,
+                                                          support=item.problem.operator.image_support()),
                                         index=index, info={"scale": item.scale, "sigma_kspace": item.sigma_kspace,
                                                            "sigma_y_normalised": float(item.problem.sigma_y)}))
             info = {**mask_info, "sampled_columns": int(mask.sum()), "columns": int(mask.size),

@@ -8,7 +8,9 @@ The pipeline per slice (DESIGN.md, "Data and normalisation"):
   3. normalisation: ``y`` and ``sigma_y`` are divided by ``scale`` = 99.5th percentile of the zero-filled
      magnitude, so solvers and priors see images of magnitude ~1; the result is multiplied back;
   4. ``sigma_y`` is estimated from the k-space periphery (Rayleigh median of the outer readout rows);
-  5. the complex image is centre-cropped to the header's recon size and its magnitude is the output, as
+  5. multi-coil: the solver's image is set to zero outside the coil-map support (``sum_c |S_c|^2 > 0``), where
+     ``A`` is blind and a generative prior would otherwise paint structure no measurement can refute;
+  6. the complex image is centre-cropped to the header's recon size and its magnitude is the output, as
      fastMRI's targets are made.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import invdiff
 from invdiff import metrics
 from invdiff.config import parse_overrides
 from invdiff.datasets.fastmri import center_crop, estimate_coil_maps, read_scan, write_reconstruction
+from invdiff.operators.base import restrict_to_support
 from invdiff.operators.fft import complex_to_real, real_to_complex
 from invdiff.operators.masks import make_mask
 from invdiff.operators.mri import CartesianMRI, SenseMRI
@@ -228,7 +231,9 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
             generator = torch.Generator(device=device).manual_seed(request.seed * 1_000_003 + index)
             result = sampler(item.problem.to(device), prior, generator=generator, **overrides)
             nfe += int(result.diagnostics.get("nfe", 0))
-            image = real_to_complex(result.x.detach().to(torch.float32))[0] * item.scale
+            # Outside the coil-map support A is blind: the image is defined as zero there (ESPIRiT convention).
+            x = restrict_to_support(item.problem.operator, result.x.detach())
+            image = real_to_complex(x.to(torch.float32))[0] * item.scale
             outputs.append(center_crop(image, recon_size).abs().cpu().numpy())
             zero_filled.append(item.zero_filled)
             scales.append(item.scale)

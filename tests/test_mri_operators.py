@@ -300,3 +300,22 @@ def test_sense_replace_and_bad_arguments():
         SenseMRI(op.mask, torch.full_like(op.coil_maps, float("nan")))
     with pytest.raises(ValueError, match="y must have shape"):
         op.A_adjoint(torch.zeros(1, 2, op.num_coils + 1, height, width))
+
+
+def test_sense_image_support_is_where_a_coil_sees_and_a_is_blind_outside():
+    """Pixels with S_c = 0 for every coil are outside ``image_support()``: A ignores them, restrict_to_support zeros them."""
+    from invdiff.operators.base import restrict_to_support
+    maps = _complex_randn((1, 3, 12, 10), seed=3)
+    maps[..., :, :3] = 0                                               # a band no coil sees
+    op = SenseMRI(make_mask("random", shape=(12, 10), acceleration=2, center_fraction=0.2, seed="s"), maps)
+    support = op.image_support()
+    assert support.shape == (1, 1, 12, 10) and support.dtype == torch.bool
+    assert not support[..., :3].any() and support[..., 3:].all()
+    x = _randn((2, 2, 12, 10), seed=4)
+    outside = torch.zeros_like(x)
+    outside[..., :3] = _randn((2, 2, 12, 3), seed=5)
+    assert torch.allclose(op.A(x + outside), op.A(x), atol=1e-12)
+    restricted = restrict_to_support(op, x + outside)
+    assert not restricted[..., :3].any() and torch.equal(restricted[..., 3:], (x + outside)[..., 3:])
+    assert CartesianMRI(torch.ones(10, dtype=torch.bool), img_size=(12, 10)).image_support() is None
+    assert restrict_to_support(CartesianMRI(torch.ones(10, dtype=torch.bool), img_size=(12, 10)), x) is x

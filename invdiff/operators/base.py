@@ -73,6 +73,16 @@ class Operator(LinearPhysics):
     def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802
         raise NotImplementedError(f"{type(self).__name__} must define A_adjoint")
 
+    def image_support(self) -> torch.Tensor | None:
+        """Pixels the model defines the image on, as a bool (B|1, 1, H, W) tensor, or None (all of them).
+
+        SENSE with ESPIRiT maps is the case in point: the maps are zero outside the object, so there ``A x``
+        does not depend on ``x`` and the measurements carry no information; a generative prior is free to paint
+        anything there. Reconstruction pipelines zero every solver's output outside the support
+        (:func:`restrict_to_support`), as ESPIRiT-based reconstructions do.
+        """
+        return None
+
     # ---- derived algebra ---------------------------------------------------------------------------
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``A^H A x``; override where a closed form is cheaper."""
@@ -149,3 +159,11 @@ def check_positive(name: str, value: float, *, strict: bool = True) -> float:
     if not ok:
         raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
     return value
+
+
+def restrict_to_support(operator, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the pixels outside ``operator.image_support()`` set to zero (``x`` itself when there is none)."""
+    support = operator.image_support() if hasattr(operator, "image_support") else None
+    if support is None:
+        return x
+    return torch.where(support.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -232,6 +232,10 @@ class SenseMRI(Operator):
         """The coil-combined zero-filled reconstruction ``sum_c conj(S_c) F^H M y_c`` (= ``A^H y``), (B, 2, H, W)."""
         return self.A_adjoint(y)
 
+    def image_support(self) -> torch.Tensor:
+        """Where some coil sees the pixel, ``sum_c |S_c|^2 > 0``: (B|1, 1, H, W) bool. Outside it ``A`` is blind."""
+        return self.coil_maps_ri.square().sum(dim=(1, -1))[:, None] > 0
+
 
 def _example_coil_maps(num_coils: int, img_size: tuple[int, int]) -> torch.Tensor:
     """Smooth synthetic maps normalised like ESPIRiT's, ``sum_c |S_c|^2 = 1``: complex64 (1, C, H, W).
