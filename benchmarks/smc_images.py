@@ -376,6 +376,38 @@ def main(argv=None) -> dict:
     dtype = _network_dtype(args.network_dtype, device)
     load_start = _load_average()
     loaded = {} if args.quick else load_priors(args, names, device, dtype)
+
+    def write_report(rows, tasks):
+        """Write the JSON and Markdown with the rows so far (after every task: a long CPU run keeps what it
+        finished if it is stopped)."""
+        date = datetime.date.today().isoformat()
+        report = {
+            "date": date, "device": str(device), "device_name": (torch.cuda.get_device_name(device)
+                                                                  if device.type == "cuda" else platform.processor()
+                                                                  or platform.machine()),
+            "quick": args.quick, "steps": steps, "seed": args.seed, "threads": torch.get_num_threads(),
+            "network_dtype": str(dtype).replace("torch.", ""), "torch_version": torch.__version__,
+            "invdiff_version": invdiff.__version__, "cpu_count": os.cpu_count(),
+            "load_average_start": load_start, "load_average_end": _load_average(),
+            "command": "python -m benchmarks.smc_images " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "smc_settings": {"num_particles": args.particles, "steps": steps, "variant": "sde"},
+            "priors": priors, "batch_pass_repeats": args.repeats, "cost_goal": COST_GOAL,
+            "coverage_definition": f"|mean - truth| <= {COVERAGE_STDS} std; support: truth > {SUPPORT_FRACTION} max",
+            "tasks": {task.name: {"in_shape": list(task.in_shape), **{k: v for k, v in task.info.items()
+                                                                       if isinstance(v, (str, int, float))}}
+                      for task in tasks},
+            "rows": rows,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = (f"smc_images-{date}-{device.type}{'' if steps == 100 or args.quick else f'-{steps}steps'}"
+                f"{'-quick' if args.quick else ''}")
+        atomic_write_json(args.out / f"{stem}.json", report)
+        text = markdown(report)
+        with atomic_open(args.out / f"{stem}.md", "w") as handle:
+            handle.write(text)
+        log.info("wrote %s.json and .md", args.out / stem)
+        return report, text
+
     rows, priors = [], {}
     with tempfile.TemporaryDirectory() as workdir:
         tasks = build_tasks(names, args.quick, device, Path(workdir))
@@ -392,31 +424,7 @@ def main(argv=None) -> dict:
                        cost_ratio_per_call=row["wall_seconds"] / max(row["nfe"], 1) / batch_pass,
                        smc_over_reddiff=row["wall_seconds"] / red_wall if red_wall else None)
             rows.append(row)
-    date = datetime.date.today().isoformat()
-    report = {
-        "date": date, "device": str(device), "device_name": (torch.cuda.get_device_name(device)
-                                                              if device.type == "cuda" else platform.processor()
-                                                              or platform.machine()),
-        "quick": args.quick, "steps": steps, "seed": args.seed, "threads": torch.get_num_threads(),
-        "network_dtype": str(dtype).replace("torch.", ""), "torch_version": torch.__version__,
-        "invdiff_version": invdiff.__version__, "cpu_count": os.cpu_count(),
-        "load_average_start": load_start, "load_average_end": _load_average(),
-        "command": "python -m benchmarks.smc_images " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "smc_settings": {"num_particles": args.particles, "steps": steps, "variant": "sde"},
-        "priors": priors, "batch_pass_repeats": args.repeats, "cost_goal": COST_GOAL,
-        "coverage_definition": f"|mean - truth| <= {COVERAGE_STDS} std; support: truth > {SUPPORT_FRACTION} max",
-        "tasks": {task.name: {"in_shape": list(task.in_shape), **{k: v for k, v in task.info.items()
-                                                                   if isinstance(v, (str, int, float))}}
-                  for task in tasks},
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"smc_images-{date}-{device.type}{'-quick' if args.quick else ''}"
-    atomic_write_json(args.out / f"{stem}.json", report)
-    text = markdown(report)
-    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-        handle.write(text)
-    log.info("wrote %s.json and .md", args.out / stem)
+            report, text = write_report(rows, tasks[:len(rows)])
     print(text)
     return report
 
