@@ -270,7 +270,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _load_average() -> float | None:
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): timings on a shared machine need it beside them."""
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -300,7 +301,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or (5 if args.quick else 100)
-    load_start = _load_average()
+    load_start = load_average()
     with tempfile.TemporaryDirectory() as workdir:
         tasks = build_tasks(args.quick, device, Path(workdir), samplers)
         priors = load_priors(args, tasks, device)
@@ -318,7 +319,7 @@ def main(argv=None) -> dict:
         "quick": args.quick, "steps": steps, "threads": torch.get_num_threads(),
         "network_dtype": str(_network_dtype(args, device)).replace("torch.", ""),
         "torch_version": torch.__version__, "invdiff_version": invdiff.__version__, "cpu_count": os.cpu_count(),
-        "load_average_start": load_start, "load_average_end": _load_average(),
+        "load_average_start": load_start, "load_average_end": load_average(),
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "priors": {task.name: _prior_name(priors[task.name]) for task, _ in tasks},
         "tasks": {task.name: {"in_shape": list(task.in_shape), **{k: v for k, v in task.info.items()

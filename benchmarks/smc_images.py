@@ -69,6 +69,7 @@ import h5py
 import numpy as np
 import torch
 
+from benchmarks.run import load_average
 import invdiff
 from invdiff.compare import (SEED_STRIDE, Task, block_average, check_hyperparameters, ct_task, inpainting_task,
                              resolve_prior, run_solver, scan_tasks, smooth_gaussian_prior, task_settings)
@@ -337,13 +338,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny images, analytic prior, 20 steps (seconds)")
@@ -374,7 +368,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.quick else 100)
     dtype = _network_dtype(args.network_dtype, device)
-    load_start = _load_average()
+    load_start = load_average()
     loaded = {} if args.quick else load_priors(args, names, device, dtype)
 
     def write_report(rows, tasks):
@@ -388,7 +382,7 @@ def main(argv=None) -> dict:
             "quick": args.quick, "steps": steps, "seed": args.seed, "threads": torch.get_num_threads(),
             "network_dtype": str(dtype).replace("torch.", ""), "torch_version": torch.__version__,
             "invdiff_version": invdiff.__version__, "cpu_count": os.cpu_count(),
-            "load_average_start": load_start, "load_average_end": _load_average(),
+            "load_average_start": load_start, "load_average_end": load_average(),
             "command": "python -m benchmarks.smc_images " + " ".join(argv if argv is not None else sys.argv[1:]),
             "smc_settings": {"num_particles": args.particles, "steps": steps, "variant": "sde"},
             "priors": priors, "batch_pass_repeats": args.repeats, "cost_goal": COST_GOAL,
