@@ -151,12 +151,10 @@ def magnitude_image(x: torch.Tensor, *, scale: float, crop: tuple[int, int] | No
     ``support`` (the operator's image support, see :meth:`invdiff.operators.base.Operator.image_support`), optionally
     centre cropped to ``crop`` as fastMRI crops its targets: (h, w) float32."""
     from invdiff.datasets.fastmri import center_crop
+    from invdiff.operators.base import zero_outside
     from invdiff.operators.fft import real_to_complex
 
-    x = x.detach()
-    if support is not None:
-        x = torch.where(support.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    image = real_to_complex(x.to(torch.float32))[0] * scale
+    image = real_to_complex(zero_outside(x.detach(), support).to(torch.float32))[0] * scale
     if crop is not None:
         image = center_crop(image, crop)
     return image.abs().cpu().numpy().astype(np.float32)

@@ -161,9 +161,13 @@ def check_positive(name: str, value: float, *, strict: bool = True) -> float:
     return value
 
 
-def restrict_to_support(operator, x: torch.Tensor) -> torch.Tensor:
-    """``x`` with the pixels outside ``operator.image_support()`` set to zero (``x`` itself when there is none)."""
-    support = operator.image_support() if hasattr(operator, "image_support") else None
+def zero_outside(x: torch.Tensor, support: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the pixels where the bool ``support`` is False set to zero (``x`` itself when it is None)."""
     if support is None:
         return x
     return torch.where(support.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def restrict_to_support(operator, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the pixels outside ``operator.image_support()`` set to zero (``x`` itself when there is none)."""
+    return zero_outside(x, operator.image_support() if hasattr(operator, "image_support") else None)
