@@ -909,10 +909,20 @@ def parse_config(config_type, argv: Sequence[str] | None = None, description: st
     return config.tiny_variant() if getattr(config, "tiny", False) else config
 
 
+def run_recipe(config_type, run: Callable, argv: Sequence[str] | None = None, description: str = "",
+               stream=None) -> "ComparisonReport":
+    """A recipe's ``main``: INFO logging, the ``Config`` from the command line, ``run(config)``, the summary table
+    on ``stream`` (stdout)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report = run(parse_config(config_type, argv, description))
+    (sys.stdout if stream is None else stream).write("\n".join(report.summary_lines()) + "\n")
+    return report
+
+
 __all__ = ["Task", "TaskImage", "SolverRow", "SolverPlan", "ComparisonReport", "compare_scan", "compare_problems",
            "scan_tasks", "ct_task", "inpainting_task", "superres_task", "block_average", "smooth_gaussian_prior",
            "run_solver", "plan_solvers", "check_solvers", "parse_solver_list", "parse_accelerations",
            "parse_set_options", "problem_fingerprint", "write_metrics_csv", "write_task_figure",
-           "write_reconstructions", "add_compare_parser", "run_compare", "config_parser", "parse_config",
+           "write_reconstructions", "add_compare_parser", "run_compare", "config_parser", "parse_config", "run_recipe",
            "CSV_COLUMNS", "SEED_STRIDE",
            "TASK_SETTINGS", "task_settings", "apply_overrides"]

@@ -28,8 +28,8 @@ import h5py
 import numpy as np
 import torch
 
-from invdiff.compare import (TASK_SETTINGS, apply_overrides, block_average, compare_problems, ct_task, parse_config,
-                             parse_set_options, resolve_prior, smooth_gaussian_prior, task_settings)
+from invdiff.compare import (TASK_SETTINGS, apply_overrides, block_average, compare_problems, ct_task,
+                             parse_set_options, resolve_prior, run_recipe, smooth_gaussian_prior, task_settings)
 from invdiff.reconstruct import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,10 +102,7 @@ def run(config: Config):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = run(parse_config(Config, argv, __doc__.splitlines()[0]))
-    print("\n".join(report.summary_lines()))
-    return report
+    return run_recipe(Config, run, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

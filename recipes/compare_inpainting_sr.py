@@ -26,8 +26,8 @@ import h5py
 import torch
 
 from invdiff.compare import (TASK_SETTINGS, apply_overrides, block_average, compare_problems, inpainting_task,
-                             parse_config, parse_set_options, resolve_prior, smooth_gaussian_prior, superres_task,
-                             task_settings)
+                             parse_set_options, resolve_prior, run_recipe, smooth_gaussian_prior,
+                             superres_task, task_settings)
 from invdiff.operators.inpainting import box_mask, random_pixel_mask
 from invdiff.reconstruct import resolve_device
 
@@ -93,10 +93,7 @@ def run(config: Config):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = run(parse_config(Config, argv, __doc__.splitlines()[0]))
-    print("\n".join(report.summary_lines()))
-    return report
+    return run_recipe(Config, run, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

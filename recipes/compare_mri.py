@@ -24,8 +24,9 @@ from pathlib import Path
 import h5py
 import torch
 
-from invdiff.compare import (TASK_SETTINGS, apply_overrides, block_average, compare_problems, parse_config,
-                             parse_set_options, resolve_prior, scan_tasks, smooth_gaussian_prior, task_settings)
+from invdiff.compare import (TASK_SETTINGS, apply_overrides, block_average, compare_problems,
+                             parse_set_options, resolve_prior, run_recipe, scan_tasks, smooth_gaussian_prior,
+                             task_settings)
 from invdiff.datasets.synthetic import write_fake_fastmri
 from invdiff.reconstruct import resolve_device
 
@@ -91,10 +92,7 @@ def run(config: Config):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = run(parse_config(Config, argv, __doc__.splitlines()[0]))
-    print("\n".join(report.summary_lines()))
-    return report
+    return run_recipe(Config, run, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
