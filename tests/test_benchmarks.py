@@ -4,24 +4,19 @@ The report must hold, per (sampler, task) row: wall and network seconds, the ove
 (wall - network) / wall, NFE, peak memory and PSNR/SSIM; and RED-Diff's time over DPS's per task. Overhead
 fractions lie in [0, 1] and NFE equals the steps for diffusion samplers (0 for classical ones). About 10 s.
 """
-import importlib.util
 import json
-import sys
 
 import pytest
 
-
-def _benchmark(repo):
-    # benchmarks/ is not an installed package and pytest does not put the repository root on sys.path.
-    spec = importlib.util.spec_from_file_location("benchmarks_run", repo / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
-def test_quick_benchmark_writes_json_and_markdown(repo, tmp_path):
-    benchmark = _benchmark(repo)
+def _benchmark():
+    return load_script("benchmarks/run.py", "benchmarks_run")
+
+
+def test_quick_benchmark_writes_json_and_markdown(tmp_path):
+    benchmark = _benchmark()
     ROW_KEYS = benchmark.ROW_KEYS
     report = benchmark.main(["--quick", "--out", str(tmp_path), "--samplers", "reddiff,dps,diffpir,ddrm,cg-sense"])
     files = sorted(p.name for p in tmp_path.iterdir())

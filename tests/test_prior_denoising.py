@@ -1,8 +1,5 @@
 """Helpers of benchmarks/prior_denoising.py: PSNR, grid search, noise, the complex-prior mapping, held-out seeds."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,18 +8,9 @@ import torch
 from invdiff.datasets.training import CTPhantomSource
 from invdiff.priors.base import Denoiser
 
+from repo_scripts import load_script
 
-def _load_benchmark():
-    # benchmarks/ is not an installed package and pytest does not put the repository root on sys.path.
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prior_denoising.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_prior_denoising", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module                   # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-B = _load_benchmark()
+B = load_script("benchmarks/prior_denoising.py", "benchmarks_prior_denoising")
 
 
 def test_psnr01_is_ten_log10_of_one_over_mse_after_clipping():

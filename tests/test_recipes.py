@@ -5,20 +5,16 @@ one row per (solver, task) -- the task's baseline first, then every configured s
 per task; solvers that cannot run on a task's operator (DDRM on SENSE and CT) are rows reading n/a.
 """
 import csv
-import importlib.util
-import sys
 
 import pytest
 
 from invdiff.compare import CSV_COLUMNS
 
+from repo_scripts import load_script
 
-def _load(repo, name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", repo / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses resolve the recipe's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+
+def _load(name):
+    return load_script(f"recipes/{name}.py", f"recipe_{name}")
 
 
 def _rows(path):
@@ -44,16 +40,16 @@ def _check(out, config, tasks, baselines, not_applicable=()):
     assert (out / "compare.json").is_file()
 
 
-def test_compare_mri_tiny(repo, tmp_path):
-    recipe = _load(repo, "compare_mri")
+def test_compare_mri_tiny(tmp_path):
+    recipe = _load("compare_mri")
     report = recipe.main(["--tiny", "--out", str(tmp_path)])
     config = recipe.Config().tiny_variant()
     _check(tmp_path, config, ["4x", "8x"], ["zero-filled"] * 2, not_applicable={"ddrm"})
     assert report.row("ddrm", "4x").note.startswith("n/a") and "SenseMRI" in report.row("ddrm", "4x").note
 
 
-def test_compare_ct_tiny(repo, tmp_path):
-    recipe = _load(repo, "compare_ct")
+def test_compare_ct_tiny(tmp_path):
+    recipe = _load("compare_ct")
     report = recipe.main(["--tiny", "--out", str(tmp_path)])
     config = recipe.Config().tiny_variant()
     tasks = [f"ct-{views}" for views in config.views]
@@ -63,8 +59,8 @@ def test_compare_ct_tiny(repo, tmp_path):
     assert report.tasks[0].images[0].info["scale"] == 1.0           # CT keeps its fixed scale
 
 
-def test_compare_inpainting_sr_tiny(repo, tmp_path):
-    recipe = _load(repo, "compare_inpainting_sr")
+def test_compare_inpainting_sr_tiny(tmp_path):
+    recipe = _load("compare_inpainting_sr")
     report = recipe.main(["--tiny", "--out", str(tmp_path), "--dps-zeta-sr", "0.5"])
     config = recipe.Config().tiny_variant()
     _check(tmp_path, config, ["inpaint-random", "inpaint-box", "sr-4x"], ["zero-filled", "zero-filled", "pinv"])
@@ -72,8 +68,8 @@ def test_compare_inpainting_sr_tiny(repo, tmp_path):
     assert report.row("dps", "inpaint-box").hyperparameters["zeta"] == config.dps_zeta_inpainting
 
 
-def test_recipe_config_parsing(repo):
-    recipe = _load(repo, "compare_ct")
+def test_recipe_config_parsing():
+    recipe = _load("compare_ct")
     from invdiff.compare import parse_config
     config = parse_config(recipe.Config, ["--views", "20,40", "--dps-zeta", "0.02", "--no-tiny", "--size", "64"])
     assert config.views == (20, 40) and config.dps_zeta == 0.02 and config.size == 64 and not config.tiny

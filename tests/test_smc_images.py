@@ -6,15 +6,15 @@ particle evaluations = NFE x N, and the cost ratio wall / steps / batch pass. Th
 checked on two particles: weighted mean ``w1 a + w2 b`` and std ``sqrt(w1 w2) |a - b|``. A prior path that does
 not exist fails before any task is built, naming the option. About 15 s on one thread.
 """
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from repo_scripts import load_script
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,12 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def benchmark():
-    # benchmarks/ is not an installed package and pytest does not put the repository root on sys.path.
-    spec = importlib.util.spec_from_file_location("benchmarks_smc_images", REPO / "benchmarks" / "smc_images.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/smc_images.py", "benchmarks_smc_images")
 
 
 def test_quick_run_writes_a_row_per_task(benchmark, tmp_path):

@@ -1,6 +1,5 @@
 """Synthetic fastMRI files are in the real format and reproducible; the shipped samples are what they claim."""
 import hashlib
-import importlib.util
 import json
 import warnings
 
@@ -11,6 +10,8 @@ import pytest
 from invdiff.datasets.fastmri import parse_ismrmrd_header, read_scan, reference_image
 from invdiff.datasets.synthetic import CT_PHANTOM_KINDS, ct_phantom, smooth_random_phase, write_fake_fastmri
 from invdiff.operators.masks import make_mask
+
+from repo_scripts import load_script
 
 
 def _square_volume(slices=2, size=16):
@@ -190,9 +191,7 @@ def test_shipped_data_is_small_and_checksummed(repo):
 def test_make_samples_reproduces_the_shipped_files_bit_for_bit(repo, tmp_path):
     pytest.importorskip("dipy")
     pytest.importorskip("nibabel")
-    spec = importlib.util.spec_from_file_location("make_samples", repo / "data" / "make_samples.py")
-    make_samples = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_samples)
+    make_samples = load_script("data/make_samples.py", "make_samples")
     assert make_samples.main(["--out", str(tmp_path)]) == 0
     for name in make_samples.SAMPLE_FILES + ("SHA256SUMS",):
         assert _sha256(tmp_path / name) == _sha256(repo / "data" / name), (
