@@ -96,7 +96,7 @@ import torch
 
 from invdiff.problem import InverseProblem
 from invdiff.registry import register_sampler
-from invdiff.samplers._common import (INITIALISATIONS, NetworkCalls, SampleResult, batch_sum, call_prior,
+from invdiff.samplers._common import (NetworkCalls, SampleResult, batch_sum, call_prior,
                                       expand_sigma, first_generator, initial_mean, notify, randn_like, timed,
                                       trajectory_of)
 from invdiff.schedules import karras
