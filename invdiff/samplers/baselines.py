@@ -51,12 +51,12 @@ def operator_norm_squared(operator, like: torch.Tensor, iterations: int = 30,
     return 1.01 * value
 
 
-def _starting_point(problem: InverseProblem, init: str, lipschitz: float) -> torch.Tensor:
+def _starting_point(problem: InverseProblem, init: str, adjoint: torch.Tensor, lipschitz: float) -> torch.Tensor:
     """``x_0`` of an iterative solver: ``A^T y / ||A||^2`` for "adjoint" (``A^T y`` itself when ``||A|| = 1``;
     for CT the raw back-projection is ~``||A||^2`` times the image's scale and 200 iterations do not undo it),
-    otherwise as :func:`invdiff.samplers._common.initial_mean`."""
+    otherwise as :func:`invdiff.samplers._common.initial_mean`. ``adjoint``: ``A^T y``, computed once by the caller."""
     if init == "adjoint":
-        return problem.operator.A_adjoint(problem.y) / lipschitz
+        return adjoint / lipschitz
     return initial_mean(problem, init, problem.y.dtype)
 
 
@@ -150,7 +150,7 @@ def sample_l1_wavelet(problem: InverseProblem, prior=None, *, lam: float = 1e-3,
     op, y = problem.operator, problem.y
     adjoint = op.A_adjoint(y)
     lipschitz = operator_norm_squared(op, adjoint)
-    x = _starting_point(problem, init, lipschitz)
+    x = _starting_point(problem, init, adjoint, lipschitz)
     b, c, h, w = x.shape
     max_levels = pywt.dwt_max_level(min(h, w), pywt.Wavelet(wavelet).dec_len)
     transform = _OrthonormalWavelet((h, w), wavelet, max(1, min(levels, max_levels)))
@@ -207,8 +207,9 @@ def sample_tv(problem: InverseProblem, prior=None, *, lam: float = 1e-2, max_ite
     """
     start = time.perf_counter()
     op, y = problem.operator, problem.y
-    lipschitz = operator_norm_squared(op, op.A_adjoint(y))
-    x = _starting_point(problem, init, lipschitz)
+    adjoint = op.A_adjoint(y)
+    lipschitz = operator_norm_squared(op, adjoint)
+    x = _starting_point(problem, init, adjoint, lipschitz)
     weight = lam * lipschitz
     tau = 1.0 / lipschitz
     dual_step = lipschitz / 16
