@@ -237,3 +237,29 @@ def test_fastmri_source_uses_targets_or_rss_of_kspace(tmp_path):
 def test_unknown_source_is_a_clear_error():
     with pytest.raises(ValueError, match="mni-brain"):
         data.make_source("imagenet", channels=1, size=16, batch=1)
+
+
+def test_mni_brain_whole_head_views_show_the_head_inside_a_dark_border():
+    pytest.importorskip("nilearn", reason="the MNI template ships inside the nilearn wheel")
+    generator = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    heads = data.make_source("mni-brain:whole-head=1", channels=1, size=32, batch=8).batch(generator())
+    patches = data.make_source("mni-brain", channels=1, size=32, batch=8).batch(generator())
+    ring = torch.ones(32, 32, dtype=torch.bool)
+    ring[2:-2, 2:-2] = False
+
+    def border_to_centre(x):    # mean brightness of the 2 px border over that of the central 16 x 16
+        return x[:, 0, ring].mean(dim=1) / x[:, 0, 8:24, 8:24].mean(dim=(1, 2)).clamp_min(1e-6)
+
+    assert (border_to_centre(heads) < 0.15).all()          # a whole head: air all round
+    assert (border_to_centre(patches) > 0.3).sum() >= 3    # patches cut through tissue
+    # Fraction 0 is the patch-only source, draw for draw.
+    same = data.make_source("mni-brain:whole-head=0", channels=1, size=32, batch=8).batch(generator())
+    assert torch.equal(same, patches)
+
+
+@pytest.mark.parametrize("spec, match", [("mni-brain:whole=0.5", "unknown mni-brain option"),
+                                         ("mni-brain:whole-head=lots", "expects a number"),
+                                         ("mni-brain:whole-head=1.5", r"in \[0, 1\]")])
+def test_mni_brain_options_are_checked(spec, match):
+    with pytest.raises(ValueError, match=match):
+        data.make_source(spec, channels=1, size=16, batch=1)

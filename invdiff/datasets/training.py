@@ -251,11 +251,14 @@ class MNIBrainSource(TrainingSource):
     canvas = 240
 
     def __init__(self, *, channels: int = 2, size: int = 64, batch: int = 16, real_t1_fraction: float = 0.25,
-                 shell_probability: float = 0.7):
+                 shell_probability: float = 0.7, whole_head_fraction: float = 0.0):
         super().__init__(channels=channels, size=size, batch=batch)
         if channels not in (1, 2):
             raise ValueError(f"mni-brain: channels must be 1 (magnitude) or 2 (real, imag), got {channels}")
+        if not 0.0 <= whole_head_fraction <= 1.0:
+            raise ValueError(f"mni-brain: whole-head fraction must be in [0, 1], got {whole_head_fraction}")
         self.real_t1_fraction = real_t1_fraction
+        self.whole_head_fraction = whole_head_fraction
         self.shell_probability = shell_probability
         self.volumes = mni_template_volumes()
         self._distance_cache: dict[tuple[int, int], torch.Tensor] = {}   # (axis, index) -> (h, w) uint8
@@ -348,6 +351,9 @@ class MNIBrainSource(TrainingSource):
             out.append(img)
         return torch.cat(out).clamp_min(0.0)
 
+    def metadata(self) -> dict:
+        return dict(super().metadata(), whole_head_fraction=self.whole_head_fraction)
+
     def batch(self, generator: torch.Generator) -> torch.Tensor:
         maps = self._canvas_slices(generator)
         magnitude = self._degrade(generator, self._synthesise(generator, maps))
@@ -355,9 +361,34 @@ class MNIBrainSource(TrainingSource):
         centers = _head_biased_centers(generator, (magnitude[:, 0] > 0.05).float())
         grid = _patch_grid(generator, centers, (self.canvas, self.canvas), self.size)
         patch = F.grid_sample(magnitude, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.whole_head_fraction > 0:     # no extra draws otherwise: the patch-only stream stays as it was
+            patch, grid = self._with_whole_heads(generator, magnitude, patch, grid)
         if self.channels == 1:
             return patch.contiguous()
         return _complexify(patch, _smooth_phase(generator, grid)).contiguous()
+
+
+    def _with_whole_heads(self, generator, magnitude: torch.Tensor, patch: torch.Tensor, grid: torch.Tensor):
+        """Replace a random ``whole_head_fraction`` of the patches by views of the whole canvas.
+
+        A patch prior has a receptive field of a few centimetres: it learns tissue, never the layout of a
+        head, so its unconditional samples are texture. Whole-head views (the 240 px canvas shrunk to the
+        patch size, 1/4 scale at 64 px, with flips, rotations and stronger elastic warps, since the template is one brain) teach the
+        same network the global anatomy at a coarse scale, while the patches keep the fine scale that
+        reconstruction at scan resolution needs. The view is sampled from an area-pooled canvas (3x at
+        64 px) so the minification does not alias (grid coordinates are normalised, so one grid fits both).
+        """
+        b = magnitude.shape[0]
+        whole = torch.rand(b, generator=generator) < self.whole_head_fraction
+        middle = (self.canvas - 1) / 2
+        centers = middle + 6.0 * torch.randn(b, 2, generator=generator)
+        fit = self.size / self.canvas                  # the zoom that shows the whole canvas
+        head_grid = _patch_grid(generator, centers, (self.canvas, self.canvas), self.size,
+                                scale_range=(0.8625 * fit, 1.0875 * fit), elastic_px=12.0)
+        pooled = F.avg_pool2d(magnitude, max(1, round(0.77 / fit)))
+        view = F.grid_sample(pooled, head_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        pick = whole[:, None, None, None]
+        return torch.where(pick, view, patch), torch.where(pick, head_grid, grid)
 
 
 # ------------------------------------------------------------------------------------------ CT phantoms
@@ -658,13 +689,26 @@ def _center_crop(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def make_source(spec: str, *, channels: int, size: int, batch: int) -> TrainingSource:
     """Build a source from ``mni-brain``, ``ct-phantoms``, ``folder:PATH`` or ``fastmri:PATH``."""
     kind, _, arg = spec.partition(":")
-    if kind == "mni-brain" and not arg:
-        return MNIBrainSource(channels=channels, size=size, batch=batch)
+    if kind == "mni-brain":
+        return MNIBrainSource(channels=channels, size=size, batch=batch, **_mni_options(spec, arg))
     if kind == "ct-phantoms" and not arg:
         return CTPhantomSource(channels=channels, size=size, batch=batch)
     if kind == "folder" and arg:
         return FolderSource(arg, channels=channels, size=size, batch=batch)
     if kind == "fastmri" and arg:
         return FastMRISource(arg, channels=channels, size=size, batch=batch)
-    raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain', 'ct-phantoms', 'folder:PATH' "
-                     f"or 'fastmri:PATH'")
+    raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain[:whole-head=F]', 'ct-phantoms', "
+                     f"'folder:PATH' or 'fastmri:PATH'")
+
+
+def _mni_options(spec: str, arg: str) -> dict:
+    """``mni-brain`` options: ``whole-head=F`` (fraction of whole-head views, default 0)."""
+    if not arg:
+        return {}
+    key, _, value = arg.partition("=")
+    if key != "whole-head":
+        raise ValueError(f"training data {spec!r}: unknown mni-brain option {key!r}; expected 'whole-head=F'")
+    try:
+        return {"whole_head_fraction": float(value)}
+    except ValueError:
+        raise ValueError(f"training data {spec!r}: whole-head expects a number in [0, 1], got {value!r}") from None

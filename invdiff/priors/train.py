@@ -360,7 +360,7 @@ def _checkpoint_metadata(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="invdiff train-prior", description="Train an EDM UNet prior (resumable).")
-    p.add_argument("--data", default="mni-brain", help="mni-brain | ct-phantoms | folder:PATH | fastmri:PATH")
+    p.add_argument("--data", default="mni-brain", help="mni-brain[:whole-head=F] | ct-phantoms | folder:PATH | fastmri:PATH")
     p.add_argument("--channels", type=int, default=2, help="1 (magnitude / CT) or 2 (complex MR: real, imag)")
     p.add_argument("--size", type=int, default=64, help="training patch size (pixels)")
     p.add_argument("--steps", type=int, default=100_000, help="total optimisation steps (a run can be extended)")
