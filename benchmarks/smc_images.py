@@ -29,6 +29,9 @@ magnitude of the weighted mean is at most the weighted mean of the magnitudes; t
 spread is small against the signal, i.e. on the support.) ``sample_smc`` returns the std of the real/imaginary
 channels only, so the magnitude std is computed here from ``result.samples``.
 
+``--set smc:NAME=VALUE`` (or ``reddiff:``) changes one hyperparameter over the task settings, for example
+``--set smc:proposal=conditional``; ``--tag`` names the report apart.
+
 Every sampler run gets a ``torch.Generator`` seeded ``seed * SEED_STRIDE + image index``, as ``run_solver`` does.
 
     python -m benchmarks.smc_images --threads 1                 # shipped priors, N = 16, 100 steps (long on CPU)
@@ -71,8 +74,9 @@ import torch
 
 from benchmarks.run import load_average
 import invdiff
-from invdiff.compare import (SEED_STRIDE, Task, block_average, check_hyperparameters, ct_task, inpainting_task,
-                             resolve_prior, run_solver, scan_tasks, smooth_gaussian_prior, task_settings)
+from invdiff.compare import (SEED_STRIDE, Task, apply_overrides, block_average, check_hyperparameters, ct_task,
+                             inpainting_task, parse_set_options, resolve_prior, run_solver, scan_tasks,
+                             smooth_gaussian_prior, task_settings)
 from invdiff.io import atomic_open, atomic_write_json
 from invdiff.problem import InverseProblem
 from invdiff.registry import get_sampler
@@ -288,6 +292,12 @@ def _cell(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _overrides_text(report: dict) -> str:
+    """`` except smc proposal=conditional`` for the report's --set options (empty when none)."""
+    items = [f"{solver} {item}" for solver, values in report.get("overrides", {}).items() for item in values]
+    return f" except {', '.join(items)}" if items else ""
+
+
 def markdown(report: dict) -> str:
     smc = report["smc_settings"]
     priors = "; ".join(f"{kind}: {record['name']}" + (f" (sha256 {record['sha256'][:12]}..., step "
@@ -295,8 +305,8 @@ def markdown(report: dict) -> str:
                        for kind, record in report["priors"].items())
     lines = [f"# SMC on image tasks, next to RED-Diff ({report['date']}, {report['device']})", "",
              f"Command: `{report['command']}`. SMC: N = {smc['num_particles']} particles, {smc['steps']} steps, "
-             f"variant {smc['variant']}, other arguments at their defaults; RED-Diff: {report['steps']} steps with "
-             f"the task-family settings. Seed {report['seed']} (generator seed * {SEED_STRIDE} + image index). "
+             f"variant {smc['variant']}, other arguments at their defaults{_overrides_text(report)}; RED-Diff: "
+             f"{report['steps']} steps with the task-family settings. Seed {report['seed']} (generator seed * {SEED_STRIDE} + image index). "
              f"Priors: {priors}. Device {report['device']} ({report['device_name']}), torch "
              f"{report['torch_version']}, {report['threads']} thread(s), network dtype {report['network_dtype']}; "
              f"1-minute load average {report['load_average_start']} at the start, {report['load_average_end']} at "
@@ -353,11 +363,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (created if missing)")
+    parser.add_argument("--set", action="append", default=[], metavar="SOLVER:NAME=VALUE",
+                        help="hyperparameter of smc or reddiff over the task settings, e.g. smc:proposal=conditional")
+    parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. the settings compared)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from invdiff.reconstruct import resolve_device
 
     names = parse_tasks(args.tasks)
+    if args.tag and not all(c.isalnum() or c in "._-" for c in args.tag):
+        raise ValueError(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-' only (it names a file)")
+    overrides = parse_set_options(args.set)
+    for solver in overrides:
+        if solver not in ("smc", "reddiff"):
+            raise ValueError(f"--set {solver}:...: this benchmark runs smc and reddiff only")
     for option, value in (("--particles", args.particles), ("--threads", args.threads), ("--repeats", args.repeats),
                           ("--steps", args.steps if args.steps is not None else 1)):
         if value < 1:
@@ -385,6 +404,7 @@ def main(argv=None) -> dict:
             "load_average_start": load_start, "load_average_end": load_average(),
             "command": "python -m benchmarks.smc_images " + " ".join(argv if argv is not None else sys.argv[1:]),
             "smc_settings": {"num_particles": args.particles, "steps": steps, "variant": "sde"},
+            "overrides": overrides,
             "priors": priors, "batch_pass_repeats": args.repeats, "cost_goal": COST_GOAL,
             "coverage_definition": f"|mean - truth| <= {COVERAGE_STDS} std; support: truth > {SUPPORT_FRACTION} max",
             "tasks": {task.name: {"in_shape": list(task.in_shape), **{k: v for k, v in task.info.items()
@@ -394,7 +414,7 @@ def main(argv=None) -> dict:
         }
         args.out.mkdir(parents=True, exist_ok=True)
         stem = (f"smc_images-{date}-{device.type}{'' if steps == 100 or args.quick else f'-{steps}steps'}"
-                f"{'-quick' if args.quick else ''}")
+                f"{'-quick' if args.quick else ''}{'-' + args.tag if args.tag else ''}")
         atomic_write_json(args.out / f"{stem}.json", report)
         text = markdown(report)
         with atomic_open(args.out / f"{stem}.md", "w") as handle:
@@ -405,6 +425,7 @@ def main(argv=None) -> dict:
     rows, priors = [], {}
     with tempfile.TemporaryDirectory() as workdir:
         tasks = build_tasks(names, args.quick, device, Path(workdir))
+        apply_overrides(tasks, overrides)
         for task in tasks:
             kind = PRIOR_KIND[task.name]
             prior = quick_prior(task, device) if args.quick else loaded[kind]

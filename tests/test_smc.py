@@ -178,14 +178,15 @@ def _weighted_moments(result):
     return mean, (w[:, None] * (particles - mean) ** 2).sum(0)
 
 
-@pytest.mark.parametrize("variant", ["sde", "ode"])
+@pytest.mark.parametrize("variant, proposal", [("sde", "euler"), ("ode", "euler"), ("sde", "conditional")])
 @pytest.mark.parametrize("kind", ["1d", "2d", "d16"])
-def test_weighted_particles_match_the_exact_gaussian_posterior(kind, variant):
+def test_weighted_particles_match_the_exact_gaussian_posterior(kind, variant, proposal):
     """|weighted mean - posterior mean| and |weighted variance - posterior variance| <= 0.04 per coordinate
     (N = 6000, 120 steps, float64); every ESS in [1, N]; the returned weights sum to 1."""
     prior, problem, posterior = _oracle(kind)
     n = 6000
-    result = sample_smc(problem, prior, num_particles=n, steps=120, variant=variant, generator=_seeded(0))
+    result = sample_smc(problem, prior, num_particles=n, steps=120, variant=variant, proposal=proposal,
+                        generator=_seeded(0))
     mean, var = _weighted_moments(result)
     assert (mean - posterior.mean.reshape(-1)).abs().max() <= 0.04
     assert (var - posterior.cov.diagonal()).abs().max() <= 0.04
@@ -226,6 +227,50 @@ def test_stiffness_is_recorded_and_warned_about(caplog):
     assert "stable_likelihood=True" in caplog.text
     stable = sample_smc(problem, prior, num_particles=8, steps=20, generator=_seeded(0))
     assert stable.diagnostics["stiffness"].max() < 2
+
+
+def test_conditional_proposal_is_stable_where_explicit_euler_diverges():
+    """sigma_y = 0.02 with the paper's fixed likelihood from sigma_max = 80: explicit Euler's stability number
+    passes 2 and its particles blow up; the conditional proposal (the Euler kernel conditioned on y, drawn
+    exactly) has no such limit and lands on the posterior (1-D, N = 4000, 120 steps)."""
+    prior = GaussianPrior(torch.tensor([0.3], dtype=F64), torch.tensor([[1.0]], dtype=F64))
+    operator = MatrixOperator(torch.tensor([[1.0]], dtype=F64), in_shape=prior.event_shape)
+    problem = InverseProblem(operator, torch.tensor([[0.9]], dtype=F64), 0.02)
+    posterior = prior.posterior(problem)
+    kwargs = dict(num_particles=4000, steps=120, stable_likelihood=False, generator=_seeded(0))
+    euler = sample_smc(problem, prior, **kwargs)
+    diverged = ~torch.isfinite(euler.samples) | (euler.samples.abs() > 1e6)
+    assert euler.diagnostics["stiffness"].max() > 2 and diverged.all()
+    conditional = sample_smc(problem, prior, proposal="conditional", **kwargs)
+    mean, var = _weighted_moments(conditional)
+    assert conditional.diagnostics["stiffness"].max() == 0
+    assert abs(mean.item() - posterior.mean.item()) < 0.01
+    assert abs(var.sqrt().item() / posterior.cov.item() ** 0.5 - 1) < 0.1
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_ONE_OPERATORS))
+def test_conditional_draws_match_the_closed_form_for_each_particles_data(name):
+    """``TiltedGaussian.conditional(r)``: for each particle its own data r, mean ``Lambda^-1 A^T r / s^2`` (1e-8)
+    and draws with covariance ``Lambda^-1`` (20,000 particles, all given the same r, 6 standard errors)."""
+    operator = STAGE_ONE_OPERATORS[name]()
+    problem, rho = _problem_for(operator), 0.8
+    precision, _ = _tilted_closed_form(operator, problem.y, problem.sigma_y, rho)
+    a = to_dense(operator)
+    stage = TiltedGaussian(problem, rho)
+    residuals = torch.randn(3, *problem.y.shape, generator=_seeded(11), dtype=F64)
+    if name == "fourier":   # k-space data lives on the sampled locations only
+        residuals = operator.A(operator.A_adjoint(residuals[:, 0])).unsqueeze(1)
+    mean, _ = stage.conditional(residuals, _seeded(12))
+    expected = torch.linalg.solve(precision, a.T @ residuals.reshape(3, -1).T / problem.sigma_y ** 2).T
+    assert torch.allclose(mean.reshape(3, -1), expected, atol=1e-8)
+    n = 20_000
+    same = residuals[:1].expand(n, *residuals.shape[1:])
+    _, draws = stage.conditional(same, _seeded(13))
+    draws = draws.reshape(n, -1)
+    covariance = torch.linalg.inv(precision)
+    max_var = covariance.diagonal().max()
+    assert (draws.mean(0) - expected[0]).abs().max() < 6 * math.sqrt(max_var / n)
+    assert (torch.cov(draws.T) - covariance).abs().max() < 6 * math.sqrt(2 / n) * max_var
 
 
 def test_hutchinson_laplacian_estimates_the_trace():
@@ -298,7 +343,8 @@ def test_registered_as_a_diffusion_sampler():
 
 @pytest.mark.parametrize("bad", [dict(variant="heun"), dict(resample="stratified"), dict(num_particles=0),
                                  dict(ess_threshold=1.5), dict(stable_likelihood=-1.0), dict(weight_rule="exact"),
-                                 dict(langevin_step_size=0.0), dict(sigma_max=0.001, sigma_min=0.01)])
+                                 dict(langevin_step_size=0.0), dict(sigma_max=0.001, sigma_min=0.01),
+                                 dict(proposal="implicit"), dict(proposal="conditional", variant="ode")])
 def test_bad_arguments_raise_value_errors_that_name_them(bad):
     prior, problem, _ = _oracle("1d")
     name = next(iter(bad))

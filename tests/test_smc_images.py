@@ -98,3 +98,19 @@ def test_image_std_is_the_samplers_std_for_ct(benchmark, tmp_path):
     expected = result.samples[:, 0, 0].double().std(dim=0, unbiased=False).numpy()
     np.testing.assert_allclose(spread, expected, rtol=1e-4, atol=1e-7)
     assert spread.max() > 0
+
+
+def test_set_and_tag_change_the_smc_settings_and_the_file_name(benchmark, tmp_path):
+    report = benchmark.main(["--quick", "--tasks", "inpainting", "--particles", "4", "--steps", "5",
+                             "--set", "smc:proposal=conditional", "--tag", "conditional", "--out", str(tmp_path)])
+    stem = f"smc_images-{report['date']}-cpu-quick-conditional"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.md"]
+    assert report["rows"][0]["hyperparameters"]["proposal"] == "conditional"
+    assert report["rows"][0]["max_stiffness"] == 0                   # the conditional step has no Euler limit
+    assert "except smc proposal=conditional" in (tmp_path / f"{stem}.md").read_text()
+    with pytest.raises(ValueError, match="no hyperparameter 'proposl'"):
+        benchmark.main(["--quick", "--tasks", "inpainting", "--set", "smc:proposl=x", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--tag"):
+        benchmark.main(["--quick", "--tag", "a/b", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="smc and reddiff only"):
+        benchmark.main(["--quick", "--set", "dps:zeta=1", "--out", str(tmp_path)])

@@ -73,6 +73,25 @@ A closer twist also keeps the weights alive: on the d = 16 oracle the SDE resamp
 with the plain inflation ``sigma_y^2 + kappa t^2``. An exponential integrator of the drift alone was not
 chosen: it needs a diagonal basis (not CT, not multi-coil MRI) and leaves the weight rate ``t |g|^2`` as stiff.
 
+The conditional proposal (``proposal="conditional"``, SDE variant)
+--------------------------------------------------------------------
+A second, unconditionally stable discretisation of the same Eq. 3.6. One Euler step of the prior's reverse SDE
+is the Gaussian kernel ``K(x' | x) = N(c, rho^2 I)``, ``c = x - dt d``, ``rho^2 = 2 t dt``; for a linear
+operator ``K(x' | x) exp(-mu_next(x'))`` is again a Gaussian in x' (Stage I's tilted Gaussian centred at c),
+so the particle moves by an exact draw from it (pixel / Fourier diagonal or perturb-and-solve CG, as Stage I)
+and takes the weight of that locally optimal proposal, its normaliser:
+
+    log w += mu_t(x) + log int K(x' | x) exp(-mu_next(x')) dx'
+           = mu_t(x) - r^T (s^2 I + rho^2 A A^T)^-1 r / 2 + const,    r = y' - A c,
+
+(``y' = y / a_next``, ``s = s_next / a_next`` for the tempered family), so x' itself does not enter the weight.
+Expanding in dt gives back Eq. 3.6: the mean of the draw is ``c - 2 t dt grad mu + O(dt^2)`` (the drift
+``H - V^2 grad mu``) and the increment is ``dt [<d, g> + t |g|^2 - t lap mu] + O(dt^2)`` (the rate with
+``V^2 = 2t``). What it changes: the likelihood drift is integrated implicitly (no stability limit, so the
+paper's fixed likelihood runs at any sigma_y; ``stiffness`` is 0), at the cost of one linear solve per step
+for non-diagonal operators (CT, multi-coil MRI); the tempered family still keeps the weights from
+degenerating, so ``stable_likelihood=True`` stays the default.
+
 Stage I (paper's initialisation) draws ``N(0, rho^2 I) exp(-mu_T)`` exactly with ``rho^2 = T^2 + sd^2``; that
 Gaussian stand-in for ``p_T`` is the only approximation besides time discretisation and the network. The
 Langevin step is ``h = langevin_step_size / (1/t^2 + a_t^2 ||A||^2 / s_t^2)``, a fraction of the inverse of the
@@ -107,6 +126,7 @@ from invdiff.schedules import karras
 log = logging.getLogger(__name__)
 
 VARIANTS = ("sde", "ode")
+PROPOSALS = ("euler", "conditional")
 RESAMPLING = ("systematic", "multinomial", "none")
 WEIGHT_RULES = ("paper", "pathwise")
 DEFAULT_SIGMA_DATA = 0.5     # EDM's data standard deviation, used when a prior does not say its own
@@ -223,14 +243,20 @@ def _weighted_moments(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Ten
     return mean, var.clamp_min(0).sqrt()
 
 
-def _check_arguments(num_particles, steps, variant, resample, ess_threshold, langevin_steps, langevin_step_size,
-                     rejuvenation_steps, weight_rule, laplacian_probes, sigma_min, sigma_max) -> None:
+def _check_arguments(num_particles, steps, variant, proposal, resample, ess_threshold, langevin_steps,
+                     langevin_step_size, rejuvenation_steps, weight_rule, laplacian_probes, sigma_min,
+                     sigma_max) -> None:
     if int(num_particles) != num_particles or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)}; got {proposal!r}")
+    if proposal == "conditional" and variant != "sde":
+        raise ValueError("proposal='conditional' conditions the SDE's Gaussian Euler kernel on y; the ODE variant "
+                         "has no noise to condition: use variant='sde' or proposal='euler'")
     if resample not in RESAMPLING:
         raise ValueError(f"resample must be one of {', '.join(RESAMPLING)}; got {resample!r}")
     if not 0 <= ess_threshold <= 1:
@@ -274,6 +300,7 @@ class _Likelihood:
         self.sigma_y2 = float(problem.sigma_y) ** 2
         self.kappa = kappa
         self.second_moment = second_moment
+        self.last_cg_residual: float | None = None     # of the conditional proposal's last solve (cg method)
 
     def scale(self, t: float) -> float:
         return 1.0 if self.kappa == 0 else self.second_moment / (self.second_moment + t * t)
@@ -320,9 +347,9 @@ class _Likelihood:
 
 @register_sampler("smc", kind="diffusion")
 def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps: int = 100, variant: str = "sde",
-               resample: str = "systematic", ess_threshold: float = 0.5, langevin_steps: int | None = None,
-               langevin_step_size: float = 0.2, rejuvenation_steps: int = 2, weight_rule: str = "paper",
-               stable_likelihood: bool | float = True, laplacian_probes: int = 0,
+               proposal: str = "euler", resample: str = "systematic", ess_threshold: float = 0.5,
+               langevin_steps: int | None = None, langevin_step_size: float = 0.2, rejuvenation_steps: int = 2,
+               weight_rule: str = "paper", stable_likelihood: bool | float = True, laplacian_probes: int = 0,
                sigma_max: float | None = None, sigma_min: float | None = None,
                generator: Generators = None, callback=None) -> SampleResult:
     """AFDPS weighted-particle posterior sampler (paper Eq. 3.6), Euler steps on a Karras grid T -> 0.
@@ -330,6 +357,8 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
     problem: y (B, ...), linear operator on (B, *in_shape) real images; prior: denoiser ``D(x, sigma)``.
     num_particles N per problem; steps: Euler steps (Karras spacing, rho 7, from sigma_max to sigma_min, then 0;
     both default to the prior's); variant "sde" (V^2 = 2t) or "ode" (V = 0, probability flow + Langevin);
+    proposal (SDE): "euler" (Eq. 3.6 stepped explicitly) or "conditional" (the Euler kernel conditioned on y,
+    exact weights; stable at any sigma_y, see the module docstring);
     resample: "systematic", "multinomial" or "none", when ESS / N < ess_threshold; langevin_steps: corrector
     moves after every step (None: 1 for "ode", 0 for "sde"); rejuvenation_steps: extra corrector moves right
     after a resampling (resample-move: duplicated particles spread out again); langevin_step_size: h as a
@@ -349,8 +378,8 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
     """
     sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
     sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
-    _check_arguments(num_particles, steps, variant, resample, ess_threshold, langevin_steps, langevin_step_size,
-                     rejuvenation_steps, weight_rule, laplacian_probes, sigma_min, sigma_max)
+    _check_arguments(num_particles, steps, variant, proposal, resample, ess_threshold, langevin_steps,
+                     langevin_step_size, rejuvenation_steps, weight_rule, laplacian_probes, sigma_min, sigma_max)
     n, steps = int(num_particles), int(steps)
     corrector_moves = (1 if variant == "ode" else 0) if langevin_steps is None else int(langevin_steps)
     dtype = torch.promote_types(problem.y.dtype, torch.float32)
@@ -376,6 +405,7 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
         resampled = torch.zeros(steps, batch, dtype=torch.bool)
         stiffness = torch.zeros(steps, dtype=torch.float64)
         langevin_h = torch.zeros(steps, dtype=torch.float64)
+        cg_residual = 0.0
         for i in range(steps):
             t, t_next = float(sigmas[i]), float(sigmas[i + 1])
             dt = t - t_next                                                   # d tau > 0
@@ -383,7 +413,10 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
             x0_hat = _denoise(prior, x, t, calls)
             ax = likelihood.forward(x)
             g = likelihood.gradient(ax, t)                                   # grad mu_t(x)
-            if variant == "sde" and not last:
+            if variant == "sde" and not last and proposal == "conditional":
+                x_next, increment = _conditional_step(likelihood, x, ax, x0_hat, t, t_next, generator)
+                cg_residual = max(cg_residual, likelihood.last_cg_residual or 0.0)
+            elif variant == "sde" and not last:
                 # V^2 = 2t, H = 2 t score = -d (Eq. 3.6 in the EDM parameterisation)
                 d = 2 * (x - x0_hat) / t
                 noise = particle_noise(x.shape, x, generator)
@@ -436,6 +469,7 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
         "network_seconds": calls.seconds, "steps": steps, "num_particles": n, "variant": variant,
         "resample": resample, "ess_threshold": ess_threshold, "langevin_steps": corrector_moves,
         "rejuvenation_steps": rejuvenation_steps, "weight_rule": weight_rule,
+        "proposal": proposal, "conditional_cg_residual": cg_residual,
         "ess": ess, "resampled": resampled, "best_particle": best, "std": std,
         "stiffness": stiffness, "langevin_step": langevin_h, "sigmas": sigmas.tolist(), "rho": rho,
         "kappa": likelihood.kappa, "operator_norm_sq": norm_sq, "stage_one_method": stage_one.method,
@@ -445,6 +479,29 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
               [round(v, 1) for v in ess[-1].tolist()])
     return SampleResult(x=mean, diagnostics=diagnostics, samples=x, weights=weights,
                         trajectory=trajectory_of(callback))
+
+
+def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tensor, x0_hat: torch.Tensor, t: float,
+                      t_next: float, generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SDE step with the Euler kernel conditioned on y: ``(x_next, log-weight increment)``.
+
+    The prior's Euler kernel ``K(x' | x) = N(c, rho^2 I)``, ``c = x - dt d``, ``rho^2 = 2 t dt``, times the next
+    target's likelihood ``exp(-mu_next(x'))`` is a Gaussian in x' (a linear operator): the proposal draws from
+    it exactly and the weight is its normaliser, ``log w += mu_t(x) + log int K(x' | x) exp(-mu_next(x')) dx'``
+    = ``mu_t(x) - r^T (s^2 I + rho^2 A A^T)^-1 r / 2`` + a constant, ``r = y - A c`` (then ``x'`` does not
+    enter the weight at all). By Woodbury the quadratic form is ``(|r|^2 - <r, A z>) / s^2`` with z the mean of
+    the tilted Gaussian, so it costs the mean solve that the draw needs anyway.
+    """
+    d = 2 * (x - x0_hat) / t
+    dt = t - t_next
+    centre = x - dt * d
+    target = likelihood.stage_one_problem(t_next)          # exp(-mu_next) as ||A x - y'||^2 / (2 s'^2)
+    gaussian = TiltedGaussian(target, math.sqrt(2 * t * dt))
+    residual = target.y.to(x.dtype) - likelihood.forward(centre)
+    z_mean, z = gaussian.conditional(residual, generator)
+    likelihood.last_cg_residual = gaussian.cg_relative_residual
+    quadratic = (_inner(residual, residual) - _inner(residual, likelihood.forward(z_mean))) / gaussian.sigma_y ** 2
+    return centre + z, likelihood.value(ax, t) - quadratic / 2
 
 
 def _resample_where_degenerate(x: torch.Tensor, log_w: torch.Tensor, ess: torch.Tensor, threshold: float,
@@ -489,4 +546,4 @@ def _warn_if_stiff(stiffness: torch.Tensor, variant: str, kappa: float) -> None:
 
 
 __all__ = ["sample_smc", "resample_indices", "normalise_log_weights", "effective_sample_size",
-           "prior_second_moment", "VARIANTS", "RESAMPLING"]
+           "prior_second_moment", "VARIANTS", "PROPOSALS", "RESAMPLING"]

@@ -194,6 +194,34 @@ class TiltedGaussian:
         rhs = map_particles(self.operator.A_adjoint, perturbed) / self.sigma_y ** 2 + e2 / self.rho
         return self.solve(rhs)
 
+    def conditional(self, residual: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and one exact draw of ``N(0, rho^2 I) exp(-||A z - r||^2 / (2 s^2))`` for a data vector per particle.
+
+        residual: r, (N, B, *y.shape[1:]), one right-hand side per particle (the sampler's conditional proposal
+        passes ``y - A c`` for each particle's centre c). Returns (mean, draw), both (N, B, *in_shape): the
+        same three methods as :meth:`mean` / :meth:`sample`, with r in place of y (the cg method solves the mean
+        and the perturbed system in one stacked call).
+        """
+        n = residual.shape[0]
+        s2 = self.sigma_y ** 2
+        if self.method == "pixel":
+            precision = self._pixel_precision()
+            mean = map_particles(self.operator.A_adjoint, residual) / s2 / precision
+            xi = particle_noise((n, self.batch, *self.in_shape), self.y, generator)
+            return mean, mean + xi / precision.sqrt()
+        if self.method == "fourier":
+            precision = self._kspace_precision()
+            k_mean = self._kspace_mask() * residual / s2 / precision
+            xi = particle_noise(residual.shape, self.y, generator)
+            both = torch.cat([k_mean, k_mean + xi / precision.sqrt()])               # (2N, B, ...)
+            images = self._from_kspace(both.reshape(2 * n * self.batch, *residual.shape[2:]))
+            return images.reshape(2, n, self.batch, *self.in_shape).unbind(0)
+        e1 = particle_noise(residual.shape, self.y, generator)
+        e2 = particle_noise((n, self.batch, *self.in_shape), self.y, generator)
+        rhs_mean = map_particles(self.operator.A_adjoint, residual) / s2
+        rhs_draw = map_particles(self.operator.A_adjoint, residual + self.sigma_y * e1) / s2 + e2 / self.rho
+        return self.solve(torch.cat([rhs_mean, rhs_draw])).split(n)
+
     # ---- diagonal bases --------------------------------------------------------------------------------
     def _pixel_precision(self) -> torch.Tensor:
         """``diag(M) / s^2 + 1 / rho^2`` as (B|1, *in_shape): ``A^T A 1`` is the observation mask."""
