@@ -263,3 +263,15 @@ def test_mni_brain_whole_head_views_show_the_head_inside_a_dark_border():
 def test_mni_brain_options_are_checked(spec, match):
     with pytest.raises(ValueError, match=match):
         data.make_source(spec, channels=1, size=16, batch=1)
+
+
+def test_a_warm_started_run_records_where_it_started(tmp_path):
+    """The exported metadata of a warm-started run holds its init prior's record: steps and wall time add up."""
+    T.train(tiny_config(steps=3), tmp_path / "a", progress=False)
+    first = json.loads(T.export_prior(tmp_path / "a", tmp_path / "out", "p").read_text())
+    T.train(tiny_config(steps=2, p_mean=-0.5), tmp_path / "b", init=str(tmp_path / "out" / "p.json"), progress=False)
+    second = json.loads(T.export_prior(tmp_path / "b", tmp_path / "out", "q").read_text())
+    assert second["warm_start_from"]["sha256"] == first["sha256"] and second["warm_start_from"]["steps"] == 3
+    assert second["steps"] == 2 and second["total_steps"] == 5 and second["p_mean"] == -0.5
+    assert second["total_wall_seconds"] == pytest.approx(first["wall_seconds"] + second["wall_seconds"], abs=0.2)
+    assert first["warm_start_from"] is None and first["total_steps"] == 3

@@ -136,6 +136,7 @@ class TrainingState:
         self.wall_seconds = 0.0
         self.commands: list[str] = []
         self.last_loss: float | None = None
+        self.warm_start_from: dict | None = None   # the init prior's metadata (provenance chain), if any
 
     # -- serialisation ----------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -152,7 +153,7 @@ class TrainingState:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
         return {"format": FORMAT_VERSION, "step": self.step, "wall_seconds": self.wall_seconds,
                 "config": self.config.to_dict(), "param_groups": groups, "commands": self.commands,
-                "last_loss": self.last_loss}
+                "last_loss": self.last_loss, "warm_start_from": self.warm_start_from}
 
     def save(self, path: Path) -> None:
         """Write model + EMA + Adam + RNGs atomically: a temporary file in the same folder, then rename."""
@@ -185,6 +186,7 @@ class TrainingState:
         self.wall_seconds = float(meta["wall_seconds"])
         self.commands = list(meta.get("commands", []))
         self.last_loss = meta.get("last_loss")
+        self.warm_start_from = meta.get("warm_start_from")
 
     def warm_start(self, prior_path: str) -> None:
         """Initialise model and EMA from an exported prior (optimizer, step and RNGs start fresh)."""
@@ -196,6 +198,9 @@ class TrainingState:
                              f"run's {self.net.config.to_dict()}")
         self.net.load_state_dict(prior.state_dict(), strict=True)
         self.ema.load_state_dict(prior.state_dict(), strict=True)
+        keep = ("name", "data", "steps", "seed", "p_mean", "p_std", "lr", "batch", "final_loss", "training_commands",
+                "wall_seconds", "sha256", "warm_start_from")
+        self.warm_start_from = {k: prior.metadata[k] for k in keep if k in prior.metadata}
         log.info("warm start from %s", prior_path)
 
 
@@ -339,6 +344,9 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
         "lr_schedule": config.lr_schedule, "ema_decay": config.ema_decay, "seed": config.seed,
         "steps": state.step, "final_loss": state.last_loss, "training_commands": state.commands,
         "wall_seconds": round(state.wall_seconds, 1), "parameters": state.net.num_parameters(),
+        "p_mean": config.p_mean, "p_std": config.p_std, "warm_start_from": state.warm_start_from,
+        "total_steps": state.step + _chain_steps(state.warm_start_from),
+        "total_wall_seconds": round(state.wall_seconds + _chain_wall(state.warm_start_from), 1),
         "torch_version": torch.__version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "sha256": sha256_file(weights),
     }
@@ -348,6 +356,15 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
     os.replace(tmp_json, json_path)
     log.info("exported %s (step %d, sha256 %s)", weights, state.step, meta["sha256"][:12])
     return json_path
+
+
+def _chain_steps(record: dict | None) -> int:
+    """Steps of every run a warm start chain went through (each record holds its own init's record)."""
+    return 0 if not record else int(record.get("steps", 0)) + _chain_steps(record.get("warm_start_from"))
+
+
+def _chain_wall(record: dict | None) -> float:
+    return 0.0 if not record else float(record.get("wall_seconds", 0.0)) + _chain_wall(record.get("warm_start_from"))
 
 
 def _checkpoint_metadata(path: Path) -> dict:
@@ -372,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=1000)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--p-mean", type=float, default=TrainConfig.p_mean,
+                   help="mean of ln(sigma) in the EDM loss (larger: more weight on the coarse, global scales)")
+    p.add_argument("--p-std", type=float, default=TrainConfig.p_std, help="std of ln(sigma) in the EDM loss")
     p.add_argument("--base-channels", type=int, default=UNetConfig.base_channels)
     p.add_argument("--channel-mults", default=",".join(map(str, UNetConfig.channel_mults)))
     p.add_argument("--num-res-blocks", type=int, default=UNetConfig.num_res_blocks)
@@ -396,10 +416,13 @@ def config_from_args(args) -> TrainConfig:
         mults = tuple(int(m) for m in args.channel_mults.split(","))
     except ValueError:
         raise ValueError(f"--channel-mults must be comma-separated integers, got {args.channel_mults!r}") from None
+    if not args.p_std > 0:
+        raise ValueError(f"--p-std must be > 0, got {args.p_std}")
     unet = UNetConfig(channels=args.channels, base_channels=args.base_channels, channel_mults=mults,
                       num_res_blocks=args.num_res_blocks)
     return TrainConfig(data=args.data, channels=args.channels, size=args.size, batch=args.batch, lr=args.lr,
                        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, ema_decay=args.ema,
+                       p_mean=args.p_mean, p_std=args.p_std,
                        seed=args.seed, unet=unet.to_dict(), steps=args.steps, log_every=args.log_every,
                        checkpoint_every_minutes=args.checkpoint_every_minutes,
                        checkpoint_every_steps=args.checkpoint_every_steps)
