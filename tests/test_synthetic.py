@@ -188,12 +188,31 @@ def test_shipped_data_is_small_and_checksummed(repo):
         assert _sha256(data / name) == digest, f"{name} differs from SHA256SUMS: rerun data/make_samples.py"
 
 
-def test_make_samples_reproduces_the_shipped_files_bit_for_bit(repo, tmp_path):
+def _assert_same_values(a, b, where: str) -> None:
+    """Equal keys, dtypes and shapes; integers and strings equal; floats within 1e-5 of the largest magnitude."""
+    if isinstance(a, np.ndarray) and a.dtype.kind in "fc":
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        scale = max(float(np.abs(b).max()), np.finfo(np.float32).tiny)
+        assert np.abs(a - b).max() <= 1e-5 * scale, f"{where}: values differ by more than float32 rounding"
+    elif isinstance(a, (float, np.floating)):
+        assert a == pytest.approx(b, rel=1e-5), where
+    else:
+        assert np.array_equal(a, b), where
+
+
+def test_make_samples_reproduces_the_shipped_files(repo, tmp_path):
+    """Same keys, shapes, dtypes, headers and attributes; values equal up to float32 rounding. Bit for bit only
+    on the CPU that made data/: another CPU's FFT kernels change the last bit of some values (measured: 1e-7
+    relative on this suite's CI machine), so the sha256 cannot be the test."""
     pytest.importorskip("dipy")
     pytest.importorskip("nibabel")
     make_samples = load_script("data/make_samples.py", "make_samples")
     assert make_samples.main(["--out", str(tmp_path)]) == 0
-    for name in make_samples.SAMPLE_FILES + ("SHA256SUMS",):
-        assert _sha256(tmp_path / name) == _sha256(repo / "data" / name), (
-            f"{name}: regenerated file differs (numpy/torch/h5py versions or CPU may differ from the ones "
-            f"that made data/; see data/README.md)")
+    for name in make_samples.SAMPLE_FILES:
+        with h5py.File(tmp_path / name, "r") as new, h5py.File(repo / "data" / name, "r") as shipped:
+            assert sorted(new.keys()) == sorted(shipped.keys()), name
+            for key in shipped:
+                _assert_same_values(new[key][()], shipped[key][()], f"{name}/{key}")
+            assert sorted(new.attrs) == sorted(shipped.attrs), name
+            for key in shipped.attrs:
+                _assert_same_values(new.attrs[key], shipped.attrs[key], f"{name} attribute {key}")
