@@ -273,11 +273,13 @@ def evaluate_image(prior, test: HeldOutImage, *, complex_prior: bool, budget: Gr
 
 
 def prior_summary(prior_path: str, prior, images: list[dict]) -> dict:
+    from invdiff.priors.loading import trained_steps
+
     meta = getattr(prior, "metadata", {})
     rows = [r for image in images for r in image["results"] if r["sigma"] >= HEADLINE_MIN_SIGMA - 1e-12]
-    return {"prior": prior_path, "name": meta.get("name"), "steps": meta.get("steps"),
+    return {"prior": prior_path, "name": meta.get("name"), "steps": trained_steps(meta),
             "sha256": meta.get("sha256"), "parameters": meta.get("parameters"),
-            "training_wall_seconds": meta.get("wall_seconds"), "normalisation": meta.get("normalisation"),
+            "training_wall_seconds": meta.get("total_wall_seconds", meta.get("wall_seconds")), "normalisation": meta.get("normalisation"),
             "images": images,
             "beats_both_at_every_sigma_ge_0.1": all(r["prior_beats_both"] for r in rows),
             "wins_at_sigma_ge_0.1": f"{sum(r['prior_beats_both'] for r in rows)}/{len(rows)}"}

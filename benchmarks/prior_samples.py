@@ -24,7 +24,7 @@ FIGURES = Path(__file__).resolve().parent.parent / "data" / "figures"
 
 def sample_grid(prior_path: str, out: Path, *, n: int, size: int, steps: int, seed: int) -> dict:
     """Draw ``n`` samples of ``size x size`` from one prior and save ``out/<prior name>-samples.png``."""
-    from invdiff.priors.loading import load_prior
+    from invdiff.priors.loading import load_prior, trained_steps
     from invdiff.priors.unconditional import sample_unconditional, save_sample_grid
 
     prior = load_prior(prior_path)
@@ -32,7 +32,7 @@ def sample_grid(prior_path: str, out: Path, *, n: int, size: int, steps: int, se
     start = time.perf_counter()
     samples = sample_unconditional(prior, n=n, size=size, steps=steps, generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start
-    steps_trained = prior.metadata.get("steps")
+    steps_trained = trained_steps(prior.metadata)
     path = save_sample_grid(samples, out / f"{name}-samples.png",
                             title=f"{name} (step {steps_trained}): {n} samples, {size}x{size}, "
                                   f"{steps} Heun steps, seed {seed}")

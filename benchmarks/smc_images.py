@@ -78,6 +78,7 @@ from invdiff.compare import (SEED_STRIDE, Task, apply_overrides, block_average, 
                              inpainting_task, parse_set_options, resolve_prior, run_solver, scan_tasks,
                              smooth_gaussian_prior, task_settings)
 from invdiff.io import atomic_open, atomic_write_json
+from invdiff.priors.loading import trained_steps
 from invdiff.problem import InverseProblem
 from invdiff.registry import get_sampler
 from invdiff.samplers._common import call_prior, expand_sigma, timed
@@ -178,7 +179,7 @@ def _network_dtype(name: str | None, device: torch.device) -> torch.dtype:
 def prior_record(prior) -> dict:
     metadata = getattr(prior, "metadata", None) or {}
     return {"name": getattr(prior, "name", None) or type(prior).__name__, "sha256": metadata.get("sha256"),
-            "steps_trained": metadata.get("steps")}
+            "steps_trained": trained_steps(metadata)}
 
 
 # ---- measuring -------------------------------------------------------------------------------------------

@@ -83,9 +83,9 @@ NOT_AVAILABLE = "n/a"
 # RED-Diff on CT also starts its sweep at sigma_max = 1 (of the prior's 80, 5, 1, 0.5; best summed PSNR at 30 and
 # 60 views, prior at step ~4700): FBP is already within sigma ~0.1 of the image, and on the Karras grid from
 # 80, 60 of the 100 steps sit above sigma 1, where D returns a blur that the sweep must then undo.
-# SMC on images: the conditional proposal (stable at any sigma_y) and no rejuvenation moves (its Gaussian draw
-# already separates resampled copies; each move would cost one more network call per step).
-SMC_IMAGE_SETTINGS = {"proposal": "conditional", "rejuvenation_steps": 0}
+# SMC on images: the conditional proposal (stable at any sigma_y). Its rejuvenation moves after a resampling
+# stay on: without them a 30-step inpainting run (64 px) lost 1.8 dB (20.42 -> 18.58), euler 2.9 dB.
+SMC_IMAGE_SETTINGS = {"proposal": "conditional"}
 
 TASK_SETTINGS = {
     "mri": {"dps": {"zeta": 3.0},                                    # of 0.3, 1, 3, 10

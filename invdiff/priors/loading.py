@@ -53,6 +53,11 @@ def prior_info(name_or_path) -> dict:
         raise ValueError(f"{json_path}: not valid JSON ({err})") from None
 
 
+def trained_steps(metadata: dict):
+    """Optimisation steps behind an exported prior: ``total_steps`` over a warm-start chain, else ``steps``."""
+    return metadata.get("total_steps", metadata.get("steps"))
+
+
 def load_prior(name_or_path, device="cpu") -> EDMUNet:
     """Rebuild an exported :class:`EDMUNet` in eval mode with frozen weights, after checking its sha256.
 
