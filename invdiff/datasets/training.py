@@ -373,9 +373,9 @@ class MNIBrainSource(TrainingSource):
 
         A patch prior has a receptive field of a few centimetres: it learns tissue, never the layout of a
         head, so its unconditional samples are texture. Whole-head views (the 240 px canvas shrunk to the
-        patch size, 1/4 scale at 64 px, with flips, rotations and stronger elastic warps, since the template is one brain) teach the
-        same network the global anatomy at a coarse scale, while the patches keep the fine scale that
-        reconstruction at scan resolution needs. The view is sampled from an area-pooled canvas (3x at
+        patch size, 1/4 scale at 64 px, with flips, rotations and stronger elastic warps, since the template
+        is one brain) teach the same network the global anatomy at a coarse scale, while the patches keep the
+        fine scale that reconstruction at scan resolution needs. The view is sampled from an area-pooled canvas (3x at
         64 px) so the minification does not alias (grid coordinates are normalised, so one grid fits both).
         """
         b = magnitude.shape[0]

@@ -345,8 +345,8 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
         "steps": state.step, "final_loss": state.last_loss, "training_commands": state.commands,
         "wall_seconds": round(state.wall_seconds, 1), "parameters": state.net.num_parameters(),
         "p_mean": config.p_mean, "p_std": config.p_std, "warm_start_from": state.warm_start_from,
-        "total_steps": state.step + _chain_steps(state.warm_start_from),
-        "total_wall_seconds": round(state.wall_seconds + _chain_wall(state.warm_start_from), 1),
+        "total_steps": state.step + int(_chain_total(state.warm_start_from, "steps")),
+        "total_wall_seconds": round(state.wall_seconds + _chain_total(state.warm_start_from, "wall_seconds"), 1),
         "torch_version": torch.__version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "sha256": sha256_file(weights),
     }
@@ -358,13 +358,9 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
     return json_path
 
 
-def _chain_steps(record: dict | None) -> int:
-    """Steps of every run a warm start chain went through (each record holds its own init's record)."""
-    return 0 if not record else int(record.get("steps", 0)) + _chain_steps(record.get("warm_start_from"))
-
-
-def _chain_wall(record: dict | None) -> float:
-    return 0.0 if not record else float(record.get("wall_seconds", 0.0)) + _chain_wall(record.get("warm_start_from"))
+def _chain_total(record: dict | None, key: str) -> float:
+    """Sum of ``key`` (steps, wall_seconds) over a warm-start chain (each record holds its own init's record)."""
+    return 0.0 if not record else float(record.get(key, 0)) + _chain_total(record.get("warm_start_from"), key)
 
 
 def _checkpoint_metadata(path: Path) -> dict:
