@@ -300,7 +300,6 @@ class _Likelihood:
         self.sigma_y2 = float(problem.sigma_y) ** 2
         self.kappa = kappa
         self.second_moment = second_moment
-        self.last_cg_residual: float | None = None     # of the conditional proposal's last solve (cg method)
 
     def scale(self, t: float) -> float:
         return 1.0 if self.kappa == 0 else self.second_moment / (self.second_moment + t * t)
@@ -414,8 +413,8 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
             ax = likelihood.forward(x)
             g = likelihood.gradient(ax, t)                                   # grad mu_t(x)
             if variant == "sde" and not last and proposal == "conditional":
-                x_next, increment = _conditional_step(likelihood, x, ax, x0_hat, t, t_next, generator)
-                cg_residual = max(cg_residual, likelihood.last_cg_residual or 0.0)
+                x_next, increment, step_residual = _conditional_step(likelihood, x, ax, x0_hat, t, t_next, generator)
+                cg_residual = max(cg_residual, step_residual)
             elif variant == "sde" and not last:
                 # V^2 = 2t, H = 2 t score = -d (Eq. 3.6 in the EDM parameterisation)
                 d = 2 * (x - x0_hat) / t
@@ -482,8 +481,9 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
 
 
 def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tensor, x0_hat: torch.Tensor, t: float,
-                      t_next: float, generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SDE step with the Euler kernel conditioned on y: ``(x_next, log-weight increment)``.
+                      t_next: float, generator: Generators) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One SDE step with the Euler kernel conditioned on y: ``(x_next, log-weight increment, CG residual)``
+    (the worst relative residual of the step's solve; 0 for the pixel and Fourier closed forms).
 
     The prior's Euler kernel ``K(x' | x) = N(c, rho^2 I)``, ``c = x - dt d``, ``rho^2 = 2 t dt``, times the next
     target's likelihood ``exp(-mu_next(x'))`` is a Gaussian in x' (a linear operator): the proposal draws from
@@ -499,9 +499,8 @@ def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tens
     gaussian = TiltedGaussian(target, math.sqrt(2 * t * dt))
     residual = target.y.to(x.dtype) - likelihood.forward(centre)
     z_mean, z = gaussian.conditional(residual, generator)
-    likelihood.last_cg_residual = gaussian.cg_relative_residual
     quadratic = (_inner(residual, residual) - _inner(residual, likelihood.forward(z_mean))) / gaussian.sigma_y ** 2
-    return centre + z, likelihood.value(ax, t) - quadratic / 2
+    return centre + z, likelihood.value(ax, t) - quadratic / 2, gaussian.cg_relative_residual or 0.0
 
 
 def _resample_where_degenerate(x: torch.Tensor, log_w: torch.Tensor, ess: torch.Tensor, threshold: float,
