@@ -45,7 +45,8 @@ def _centred_dft_matrix(n):
 
 # ---- FFT and channel conversion ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(5, 4), (6, 7)])
+# odd sizes take the shifted form; even ones the checkerboard modulation, with global sign -1 (6, 4) and +1 (4, 8)
+@pytest.mark.parametrize("shape", [(5, 4), (6, 7), (6, 4), (4, 8)])
 def test_fft2c_is_the_centred_unitary_dft(shape):
     image = _complex_randn((2, *shape))
     dense = np.kron(_centred_dft_matrix(shape[0]), _centred_dft_matrix(shape[1]))  # row-major vec
@@ -222,6 +223,16 @@ def test_sense_adjointness_with_random_complex_maps(dtype, bound, maps_batch, ma
         x = _randn((2, 2, height, width), dtype, seed=20 + seed)
         y = _randn((2, 2, coils, height, width), dtype, seed=30 + seed)
         assert _adjoint_error(op, x, y) < bound
+
+
+@pytest.mark.parametrize("height,width", [(16, 12), (14, 12), (15, 12), (16, 9)])
+def test_sense_normal_equals_adjoint_of_forward(height, width):
+    """The fused ``normal`` (checkerboard in the maps on even sizes, the plain path on odd ones) is A^H A."""
+    maps = _complex_randn((2, 3, height, width), torch.complex128, seed=14)
+    mask = torch.stack([make_mask("poisson", (height, width), 2, 0.25, seed=i) for i in range(2)])
+    op = SenseMRI(mask, maps)
+    x = _randn((2, 2, height, width), torch.float64, seed=15)
+    assert torch.allclose(op.normal(x), op.A_adjoint(op.A(x)), atol=1e-12)
 
 
 def test_sense_equals_deepinv_multicoil_mri():

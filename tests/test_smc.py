@@ -260,12 +260,19 @@ def test_conditional_draws_match_the_closed_form_for_each_particles_data(name):
     residuals = torch.randn(3, *problem.y.shape, generator=_seeded(11), dtype=F64)
     if name == "fourier":   # k-space data lives on the sampled locations only
         residuals = operator.A(operator.A_adjoint(residuals[:, 0])).unsqueeze(1)
-    mean, _ = stage.conditional(residuals, _seeded(12))
+    move = stage.conditional(residuals, _seeded(12))
+    mean = move.mean
     expected = torch.linalg.solve(precision, a.T @ residuals.reshape(3, -1).T / problem.sigma_y ** 2).T
     assert torch.allclose(mean.reshape(3, -1), expected, atol=1e-8)
+    # the evidence quadratic r^T (s^2 I + rho^2 A A^T)^-1 r that weights the conditional proposal, densely
+    data_cov = problem.sigma_y ** 2 * torch.eye(a.shape[0], dtype=F64) + rho ** 2 * a @ a.T
+    flat = residuals.reshape(3, -1)
+    quadratic = (flat * torch.linalg.solve(data_cov, flat.T).T).sum(dim=1)
+    assert move.quadratic.shape == (3, 1) and move.quadratic.dtype == F64
+    assert torch.allclose(move.quadratic.reshape(3), quadratic, rtol=1e-8)
     n = 20_000
     same = residuals[:1].expand(n, *residuals.shape[1:])
-    _, draws = stage.conditional(same, _seeded(13))
+    draws = stage.conditional(same, _seeded(13)).draw
     draws = draws.reshape(n, -1)
     covariance = torch.linalg.inv(precision)
     max_var = covariance.diagonal().max()

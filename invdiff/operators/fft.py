@@ -28,6 +28,9 @@ def fft2c(image: torch.Tensor) -> torch.Tensor:
     image: complex ``(..., H, W)``; returns complex k-space of the same shape and dtype.
     """
     _require_complex("image", image)
+    checkerboard = centring_modulation(image)
+    if checkerboard is not None:
+        return torch.fft.fft2(image * checkerboard[0], dim=_FFT_DIMS, norm="ortho") * checkerboard[1]
     shifted = torch.fft.ifftshift(image, dim=_FFT_DIMS)
     return torch.fft.fftshift(torch.fft.fft2(shifted, dim=_FFT_DIMS, norm="ortho"), dim=_FFT_DIMS)
 
@@ -38,8 +41,37 @@ def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
     kspace: complex ``(..., H, W)``; returns a complex image of the same shape and dtype.
     """
     _require_complex("kspace", kspace)
+    checkerboard = centring_modulation(kspace)
+    if checkerboard is not None:
+        return torch.fft.ifft2(kspace * checkerboard[0], dim=_FFT_DIMS, norm="ortho") * checkerboard[1]
     shifted = torch.fft.ifftshift(kspace, dim=_FFT_DIMS)
     return torch.fft.fftshift(torch.fft.ifft2(shifted, dim=_FFT_DIMS, norm="ortho"), dim=_FFT_DIMS)
+
+
+# Even sizes: a shift by N/2 is a modulation by (-1)^n in the other domain, so for even H and W
+#   fftshift(fft2(ifftshift(x)))[k] = (-1)^(H/2 + W/2) C[k] fft2(C x)[k],   C[n1, n2] = (-1)^(n1 + n2),
+# and the same for ifft2 (the sign of the exponent does not matter: (-1)^(-m) = (-1)^m). Two multiplications by a
+# real +-1 pattern replace the four copies of fftshift/ifftshift on two axes (about 2x faster on CPU). The
+# patterns are exact (+-1), so the result equals the shifted form up to the FFT's own rounding.
+_CHECKERBOARDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def centring_modulation(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(input pattern C, output pattern +-C) for even ``H, W`` on t's device and real dtype; None for odd sizes."""
+    h, w = t.shape[-2], t.shape[-1]
+    if h % 2 or w % 2:
+        return None
+    real = t.real.dtype
+    key = (h, w, real, t.device)
+    if key not in _CHECKERBOARDS:
+        if len(_CHECKERBOARDS) > 64:          # a long-lived process with many image sizes
+            _CHECKERBOARDS.clear()
+        rows = 1 - 2 * (torch.arange(h, device=t.device) % 2)
+        cols = 1 - 2 * (torch.arange(w, device=t.device) % 2)
+        board = (rows[:, None] * cols[None, :]).to(real)
+        sign = -1.0 if (h // 2 + w // 2) % 2 else 1.0
+        _CHECKERBOARDS[key] = (board, board * sign)
+    return _CHECKERBOARDS[key]
 
 
 def complex_dtype(real_dtype: torch.dtype) -> torch.dtype:

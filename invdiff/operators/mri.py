@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from invdiff.operators.base import Operator
-from invdiff.operators.fft import complex_dtype, complex_to_real, fft2c, ifft2c, real_to_complex
+from invdiff.operators.fft import (centring_modulation, complex_dtype, complex_to_real, fft2c, ifft2c,
+                                   real_to_complex)
 from invdiff.operators.masks import make_mask
 from invdiff.registry import register_operator
 
@@ -226,7 +227,18 @@ class SenseMRI(Operator):
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``A^H A x = sum_c conj(S_c) F^H M F S_c x``, computed in complex without real round trips."""
         _check_shape("x", x, self.in_shape)
-        return complex_to_real(self._adjoint(self._forward(real_to_complex(x))))
+        image = real_to_complex(x)
+        checkerboard = centring_modulation(image)
+        if checkerboard is None:
+            return complex_to_real(self._adjoint(self._forward(image)))
+        # Even sizes: F = s C fft2 C (invdiff.operators.fft), and the output patterns cancel around the diagonal
+        # mask, F^H M F = C ifft2 M fft2 C, so the input pattern goes into the maps once per call and the
+        # (B, C, H, W) k-space is never modulated (the normal operator is the inner loop of every CG solve).
+        maps = self._maps_for(image, image.dtype) * checkerboard[0]
+        grid = _mask_grid(self.mask)
+        _check_batch("mask", grid.shape[0], image, "the input")
+        kspace = torch.where(grid[:, None], torch.fft.fft2(maps * image[:, None], norm="ortho"), 0)
+        return complex_to_real((maps.conj() * torch.fft.ifft2(kspace, norm="ortho")).sum(dim=1))
 
     def zero_filled(self, y: torch.Tensor) -> torch.Tensor:
         """The coil-combined zero-filled reconstruction ``sum_c conj(S_c) F^H M y_c`` (= ``A^H y``), (B, 2, H, W)."""

@@ -121,6 +121,7 @@ from invdiff.registry import register_sampler
 from invdiff.samplers._common import (NetworkCalls, SampleResult, call_prior, notify, timed, trajectory_of)
 from invdiff.samplers.baselines import operator_norm_squared
 from invdiff.samplers.stage_one import TiltedGaussian, map_particles, particle_noise
+from invdiff.samplers.stage_one import particle_inner as _inner
 from invdiff.schedules import karras
 
 log = logging.getLogger(__name__)
@@ -223,11 +224,6 @@ def _select(particles: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
 
 
 # ---- small helpers --------------------------------------------------------------------------------------
-def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-particle inner product in float64: (N, B, ...) x (N, B, ...) -> (N, B)."""
-    return (a.double() * b.double()).flatten(2).sum(dim=2)
-
-
 def _denoise(prior, x: torch.Tensor, t: float, calls: NetworkCalls) -> torch.Tensor:
     """``D(x, t)`` for particles (N, B, ...) in one network call on a batch of N * B images."""
     flat = x.reshape(-1, *x.shape[2:])
@@ -411,8 +407,9 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
             last = t_next == 0.0
             x0_hat = _denoise(prior, x, t, calls)
             ax = likelihood.forward(x)
-            g = likelihood.gradient(ax, t)                                   # grad mu_t(x)
-            if variant == "sde" and not last and proposal == "conditional":
+            conditional = variant == "sde" and not last and proposal == "conditional"
+            g = None if conditional else likelihood.gradient(ax, t)          # grad mu_t(x) (the conditional
+            if conditional:                                                   # step does not need it)
                 x_next, increment, step_residual = _conditional_step(likelihood, x, ax, x0_hat, t, t_next, generator)
                 cg_residual = max(cg_residual, step_residual)
             elif variant == "sde" and not last:
@@ -489,8 +486,8 @@ def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tens
     target's likelihood ``exp(-mu_next(x'))`` is a Gaussian in x' (a linear operator): the proposal draws from
     it exactly and the weight is its normaliser, ``log w += mu_t(x) + log int K(x' | x) exp(-mu_next(x')) dx'``
     = ``mu_t(x) - r^T (s^2 I + rho^2 A A^T)^-1 r / 2`` + a constant, ``r = y - A c`` (then ``x'`` does not
-    enter the weight at all). By Woodbury the quadratic form is ``(|r|^2 - <r, A z>) / s^2`` with z the mean of
-    the tilted Gaussian, so it costs the mean solve that the draw needs anyway.
+    enter the weight at all). By Woodbury the quadratic form is ``|r|^2 / s^2 - <A^T r / s^2, z>`` with z the mean
+    of the tilted Gaussian (:meth:`TiltedGaussian.conditional`), so it costs the mean solve that the draw needs anyway.
     """
     d = 2 * (x - x0_hat) / t
     dt = t - t_next
@@ -498,9 +495,8 @@ def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tens
     target = likelihood.stage_one_problem(t_next)          # exp(-mu_next) as ||A x - y'||^2 / (2 s'^2)
     gaussian = TiltedGaussian(target, math.sqrt(2 * t * dt))
     residual = target.y.to(x.dtype) - likelihood.forward(centre)
-    z_mean, z = gaussian.conditional(residual, generator)
-    quadratic = (_inner(residual, residual) - _inner(residual, likelihood.forward(z_mean))) / gaussian.sigma_y ** 2
-    return centre + z, likelihood.value(ax, t) - quadratic / 2, gaussian.cg_relative_residual or 0.0
+    move = gaussian.conditional(residual, generator)
+    return centre + move.draw, likelihood.value(ax, t) - move.quadratic / 2, gaussian.cg_relative_residual or 0.0
 
 
 def _resample_where_degenerate(x: torch.Tensor, log_w: torch.Tensor, ess: torch.Tensor, threshold: float,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -49,6 +49,19 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 # ---- particles through a batched operator --------------------------------------------------------------
+class ConditionalDraw(NamedTuple):
+    """What :meth:`TiltedGaussian.conditional` returns (see there)."""
+
+    mean: torch.Tensor
+    draw: torch.Tensor
+    quadratic: torch.Tensor
+
+
+def particle_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-particle inner product over the data axes, (N, B, ...) x (N, B, ...) -> (N, B) float64."""
+    return (a.double() * b.double()).flatten(2).sum(dim=2)
+
+
 def map_particles(fn: Callable[[torch.Tensor], torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
     """Apply a batch function ``fn: (B, ...) -> (B, ...)`` to particles ``xs: (N, B, ...)`` in one call.
 
@@ -153,10 +166,9 @@ class TiltedGaussian:
             return self.apply_precision(flat.reshape(n, b, *self.in_shape)).reshape(flat.shape)
 
         flat_rhs = rhs.reshape(n * b, *self.in_shape)
-        solution = conjugate_gradient(flat_precision, flat_rhs, max_iter=self.cg_max_iter, tol=self.cg_tol)
-        residual = (flat_precision(solution) - flat_rhs).reshape(n * b, -1).norm(dim=1)
-        relative = (residual / flat_rhs.reshape(n * b, -1).norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)).max()
-        self.cg_relative_residual = float(relative)
+        solution, relative = conjugate_gradient(flat_precision, flat_rhs, max_iter=self.cg_max_iter, tol=self.cg_tol,
+                                                return_residual=True)
+        self.cg_relative_residual = float(relative.max())
         if self.cg_relative_residual > 10 * self.cg_tol:
             log.warning("stage I: conjugate gradients stopped at relative residual %.3g after %d iterations "
                         "(tolerance %.1g); the draws are not exact to that level", self.cg_relative_residual,
@@ -194,33 +206,42 @@ class TiltedGaussian:
         rhs = map_particles(self.operator.A_adjoint, perturbed) / self.sigma_y ** 2 + e2 / self.rho
         return self.solve(rhs)
 
-    def conditional(self, residual: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and one exact draw of ``N(0, rho^2 I) exp(-||A z - r||^2 / (2 s^2))`` for a data vector per particle.
+    def conditional(self, residual: torch.Tensor, generator: Generators = None) -> "ConditionalDraw":
+        """Mean, one exact draw and the evidence quadratic of ``N(0, rho^2 I) exp(-||A z - r||^2 / (2 s^2))`` for a
+        data vector per particle.
 
         residual: r, (N, B, *y.shape[1:]), one right-hand side per particle (the sampler's conditional proposal
-        passes ``y - A c`` for each particle's centre c). Returns (mean, draw), both (N, B, *in_shape): the
-        same three methods as :meth:`mean` / :meth:`sample`, with r in place of y (the cg method solves the mean
-        and the perturbed system in one stacked call).
+        passes ``y - A c`` for each particle's centre c). Returns :class:`ConditionalDraw` with ``mean`` and
+        ``draw`` (N, B, *in_shape), by the same three methods as :meth:`mean` / :meth:`sample` with r in place of
+        y (the cg method solves the mean and the perturbed system in one stacked call), and ``quadratic`` (N, B)
+        float64, ``r^T (s^2 I + rho^2 A A^T)^-1 r``: by Woodbury ``|r|^2 / s^2 - <A^T r / s^2, mean>``, from the
+        right-hand side the mean solve needs anyway (no extra operator call).
         """
         n = residual.shape[0]
         s2 = self.sigma_y ** 2
+        data_term = particle_inner(residual, residual) / s2
         if self.method == "pixel":
             precision = self._pixel_precision()
-            mean = map_particles(self.operator.A_adjoint, residual) / s2 / precision
+            rhs_mean = map_particles(self.operator.A_adjoint, residual) / s2
+            mean = rhs_mean / precision
             xi = particle_noise((n, self.batch, *self.in_shape), self.y, generator)
-            return mean, mean + xi / precision.sqrt()
+            return ConditionalDraw(mean, mean + xi / precision.sqrt(), data_term - particle_inner(rhs_mean, mean))
         if self.method == "fourier":
+            # in k-space (F unitary): A^T r / s^2 <-> M r / s^2, and the mean <-> k_mean
             precision = self._kspace_precision()
-            k_mean = self._kspace_mask() * residual / s2 / precision
+            k_rhs = self._kspace_mask() * residual / s2
+            k_mean = k_rhs / precision
             xi = particle_noise(residual.shape, self.y, generator)
             both = torch.cat([k_mean, k_mean + xi / precision.sqrt()])               # (2N, B, ...)
             images = self._from_kspace(both.reshape(2 * n * self.batch, *residual.shape[2:]))
-            return images.reshape(2, n, self.batch, *self.in_shape).unbind(0)
+            mean, draw = images.reshape(2, n, self.batch, *self.in_shape).unbind(0)
+            return ConditionalDraw(mean, draw, data_term - particle_inner(k_rhs, k_mean))
         e1 = particle_noise(residual.shape, self.y, generator)
         e2 = particle_noise((n, self.batch, *self.in_shape), self.y, generator)
         rhs_mean = map_particles(self.operator.A_adjoint, residual) / s2
         rhs_draw = map_particles(self.operator.A_adjoint, residual + self.sigma_y * e1) / s2 + e2 / self.rho
-        return self.solve(torch.cat([rhs_mean, rhs_draw])).split(n)
+        mean, draw = self.solve(torch.cat([rhs_mean, rhs_draw])).split(n)
+        return ConditionalDraw(mean, draw, data_term - particle_inner(rhs_mean, mean))
 
     # ---- diagonal bases --------------------------------------------------------------------------------
     def _pixel_precision(self) -> torch.Tensor:
@@ -245,4 +266,5 @@ class TiltedGaussian:
         return complex_to_real(ifft2c(real_to_complex(kspace)))
 
 
-__all__ = ["TiltedGaussian", "tilted_gaussian_method", "map_particles", "particle_noise", "METHODS"]
+__all__ = ["TiltedGaussian", "ConditionalDraw", "particle_inner", "tilted_gaussian_method", "map_particles",
+           "particle_noise", "METHODS"]
