@@ -207,12 +207,22 @@ class SenseMRI(Operator):
     def _forward(self, image: torch.Tensor) -> torch.Tensor:
         """Complex (B, H, W) -> masked multi-coil k-space (B, C, H, W)."""
         maps = self._maps_for(image, image.dtype)
-        return self._apply_mask(fft2c(maps * image[:, None]))
+        checkerboard = centring_modulation(image)
+        if checkerboard is None:
+            return self._apply_mask(fft2c(maps * image[:, None]))
+        # F = (s C) fft2 C on even sizes: the input pattern goes into the (1, C, H, W) maps, not the batch
+        coil_images = (maps * checkerboard[0]) * image[:, None]
+        return self._apply_mask(torch.fft.fft2(coil_images, norm="ortho") * checkerboard[1])
 
     def _adjoint(self, kspace: torch.Tensor) -> torch.Tensor:
         """Complex (B, C, H, W) -> coil-combined image (B, H, W)."""
         maps = self._maps_for(kspace, kspace.dtype)
-        return (maps.conj() * ifft2c(self._apply_mask(kspace))).sum(dim=1)
+        checkerboard = centring_modulation(kspace)
+        if checkerboard is None:
+            return (maps.conj() * ifft2c(self._apply_mask(kspace))).sum(dim=1)
+        # F^H = C ifft2 (s C) on even sizes: the output pattern goes into the conjugate maps
+        coil_images = torch.fft.ifft2(self._apply_mask(kspace) * checkerboard[1], norm="ortho")
+        return ((maps * checkerboard[0]).conj() * coil_images).sum(dim=1)
 
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802
         """``y_c = M F S_c x``: (B, 2, H, W) -> (B, 2, C, H, W)."""
