@@ -369,7 +369,9 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
     ``ess`` (steps, B) after each step's reweighting, ``resampled`` (steps, B) bool, ``best_particle`` (B, ...),
     ``std`` (B, ...) pixelwise weighted std, ``stiffness`` (steps,) = ``2 t dt a_t^2 ||A||^2 / s_t^2`` of the
     SDE's likelihood drift (explicit Euler is unstable above 2; 0 for the ODE predictor), ``langevin_step``
-    (steps,) the h used (0: no move), ``sigmas``, ``rho``, ``kappa``, ``operator_norm_sq``.
+    (steps,) the h used (0: no move), ``sigmas``, ``rho``, ``kappa``, ``operator_norm_sq``, and for the conditional
+    proposal ``conditional_cg_residual`` (worst relative CG residual) and ``conditional_cg_iterations`` (normal-operator
+    calls of its solves, 0 for the closed forms).
     """
     sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
     sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
@@ -400,7 +402,7 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
         resampled = torch.zeros(steps, batch, dtype=torch.bool)
         stiffness = torch.zeros(steps, dtype=torch.float64)
         langevin_h = torch.zeros(steps, dtype=torch.float64)
-        cg_residual = 0.0
+        cg_residual, cg_iterations = 0.0, 0
         for i in range(steps):
             t, t_next = float(sigmas[i]), float(sigmas[i + 1])
             dt = t - t_next                                                   # d tau > 0
@@ -410,8 +412,9 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
             conditional = variant == "sde" and not last and proposal == "conditional"
             g = None if conditional else likelihood.gradient(ax, t)          # grad mu_t(x) (the conditional
             if conditional:                                                   # step does not need it)
-                x_next, increment, step_residual = _conditional_step(likelihood, x, ax, x0_hat, t, t_next, generator)
-                cg_residual = max(cg_residual, step_residual)
+                x_next, increment, step_residual, step_iterations = _conditional_step(likelihood, x, ax, x0_hat, t,
+                                                                                      t_next, generator)
+                cg_residual, cg_iterations = max(cg_residual, step_residual), cg_iterations + step_iterations
             elif variant == "sde" and not last:
                 # V^2 = 2t, H = 2 t score = -d (Eq. 3.6 in the EDM parameterisation)
                 d = 2 * (x - x0_hat) / t
@@ -465,7 +468,7 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
         "network_seconds": calls.seconds, "steps": steps, "num_particles": n, "variant": variant,
         "resample": resample, "ess_threshold": ess_threshold, "langevin_steps": corrector_moves,
         "rejuvenation_steps": rejuvenation_steps, "weight_rule": weight_rule,
-        "proposal": proposal, "conditional_cg_residual": cg_residual,
+        "proposal": proposal, "conditional_cg_residual": cg_residual, "conditional_cg_iterations": cg_iterations,
         "ess": ess, "resampled": resampled, "best_particle": best, "std": std,
         "stiffness": stiffness, "langevin_step": langevin_h, "sigmas": sigmas.tolist(), "rho": rho,
         "kappa": likelihood.kappa, "operator_norm_sq": norm_sq, "stage_one_method": stage_one.method,
@@ -477,10 +480,19 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
                         trajectory=trajectory_of(callback))
 
 
+# The conditional step's CG stopping rule, relative residual. Its weight error is second order in the solve's
+# error (the quadratic is b^T Lambda^-1 b, and CG's error in it is the squared Lambda-norm of its error), and a 1e-4
+# relative error in a draw is far below the draw's own spread, so float32 runs stop at 1e-4 instead of Stage I's
+# 1e-6 (measured: a quarter to a third fewer iterations on the CT-30 and SENSE 4x tasks); float64 (the oracle
+# tests) keeps the tight default.
+CONDITIONAL_CG_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
 def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tensor, x0_hat: torch.Tensor, t: float,
-                      t_next: float, generator: Generators) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One SDE step with the Euler kernel conditioned on y: ``(x_next, log-weight increment, CG residual)``
-    (the worst relative residual of the step's solve; 0 for the pixel and Fourier closed forms).
+                      t_next: float, generator: Generators) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """One SDE step with the Euler kernel conditioned on y: ``(x_next, log-weight increment, CG residual, CG
+    iterations)`` (the worst relative residual of the step's solve and its normal-operator calls; 0 for the pixel
+    and Fourier closed forms).
 
     The prior's Euler kernel ``K(x' | x) = N(c, rho^2 I)``, ``c = x - dt d``, ``rho^2 = 2 t dt``, times the next
     target's likelihood ``exp(-mu_next(x'))`` is a Gaussian in x' (a linear operator): the proposal draws from
@@ -493,10 +505,11 @@ def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tens
     dt = t - t_next
     centre = x - dt * d
     target = likelihood.stage_one_problem(t_next)          # exp(-mu_next) as ||A x - y'||^2 / (2 s'^2)
-    gaussian = TiltedGaussian(target, math.sqrt(2 * t * dt))
+    gaussian = TiltedGaussian(target, math.sqrt(2 * t * dt), cg_tol=CONDITIONAL_CG_TOL[x.dtype])
     residual = target.y.to(x.dtype) - likelihood.forward(centre)
     move = gaussian.conditional(residual, generator)
-    return centre + move.draw, likelihood.value(ax, t) - move.quadratic / 2, gaussian.cg_relative_residual or 0.0
+    return (centre + move.draw, likelihood.value(ax, t) - move.quadratic / 2, gaussian.cg_relative_residual or 0.0,
+            gaussian.cg_iterations)
 
 
 def _resample_where_degenerate(x: torch.Tensor, log_w: torch.Tensor, ess: torch.Tensor, threshold: float,

@@ -147,6 +147,7 @@ class TiltedGaussian:
         default_tol = 1e-10 if self.dtype == torch.float64 else 1e-6
         self.cg_tol = default_tol if cg_tol is None else _positive("cg_tol", cg_tol)
         self.cg_max_iter = int(cg_max_iter)
+        self.cg_iterations = 0             # normal-operator calls of the last solve (diagnostics)
         self.cg_relative_residual = None   # set by solve(): worst relative residual of the last solve
 
     # ---- the Gaussian ----------------------------------------------------------------------------------
@@ -162,12 +163,16 @@ class TiltedGaussian:
         """
         n, b = rhs.shape[:2]
 
+        calls = [0]
+
         def flat_precision(flat: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
             return self.apply_precision(flat.reshape(n, b, *self.in_shape)).reshape(flat.shape)
 
         flat_rhs = rhs.reshape(n * b, *self.in_shape)
         solution, relative = conjugate_gradient(flat_precision, flat_rhs, max_iter=self.cg_max_iter, tol=self.cg_tol,
                                                 return_residual=True)
+        self.cg_iterations = calls[0]
         self.cg_relative_residual = float(relative.max())
         if self.cg_relative_residual > 10 * self.cg_tol:
             log.warning("stage I: conjugate gradients stopped at relative residual %.3g after %d iterations "
