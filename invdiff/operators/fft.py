@@ -6,6 +6,10 @@ component at index ``(H // 2, W // 2)`` and the transform is unitary, so ``||F x
 
     F x = fftshift(fft2(ifftshift(x), norm="ortho")),   F^H k = fftshift(ifft2(ifftshift(k), norm="ortho")).
 
+On even sizes the shifts are computed as multiplications by a +-1 checkerboard (:func:`centring_modulation`),
+the same numbers at less than half the cost; operators may fold the patterns into their own diagonals
+(:class:`invdiff.operators.mri.SenseMRI` puts them into its coil maps).
+
 Samplers work on real tensors; a complex image is stored as two channels ``(B, 2, ...)`` (real,
 imaginary). :func:`real_to_complex` and :func:`complex_to_real` convert without changing precision
 (float32 <-> complex64, float64 <-> complex128).
