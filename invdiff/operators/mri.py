@@ -245,9 +245,7 @@ class SenseMRI(Operator):
         # mask, F^H M F = C ifft2 M fft2 C, so the input pattern goes into the maps once per call and the
         # (B, C, H, W) k-space is never modulated (the normal operator is the inner loop of every CG solve).
         maps = self._maps_for(image, image.dtype) * checkerboard[0]
-        grid = _mask_grid(self.mask)
-        _check_batch("mask", grid.shape[0], image, "the input")
-        kspace = torch.where(grid[:, None], torch.fft.fft2(maps * image[:, None], norm="ortho"), 0)
+        kspace = self._apply_mask(torch.fft.fft2(maps * image[:, None], norm="ortho"))
         return complex_to_real((maps.conj() * torch.fft.ifft2(kspace, norm="ortho")).sum(dim=1))
 
     def zero_filled(self, y: torch.Tensor) -> torch.Tensor:

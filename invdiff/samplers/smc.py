@@ -410,8 +410,9 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
             x0_hat = _denoise(prior, x, t, calls)
             ax = likelihood.forward(x)
             conditional = variant == "sde" and not last and proposal == "conditional"
-            g = None if conditional else likelihood.gradient(ax, t)          # grad mu_t(x) (the conditional
-            if conditional:                                                   # step does not need it)
+            # grad mu_t(x), for every move but the conditional one (it draws from the exact Gaussian instead)
+            g = None if conditional else likelihood.gradient(ax, t)
+            if conditional:
                 x_next, increment, step_residual, step_iterations = _conditional_step(likelihood, x, ax, x0_hat, t,
                                                                                       t_next, generator)
                 cg_residual, cg_iterations = max(cg_residual, step_residual), cg_iterations + step_iterations

@@ -163,16 +163,17 @@ class TiltedGaussian:
         """
         n, b = rhs.shape[:2]
 
-        calls = [0]
+        calls = 0
 
         def flat_precision(flat: torch.Tensor) -> torch.Tensor:
-            calls[0] += 1
+            nonlocal calls
+            calls += 1
             return self.apply_precision(flat.reshape(n, b, *self.in_shape)).reshape(flat.shape)
 
         flat_rhs = rhs.reshape(n * b, *self.in_shape)
         solution, relative = conjugate_gradient(flat_precision, flat_rhs, max_iter=self.cg_max_iter, tol=self.cg_tol,
                                                 return_residual=True)
-        self.cg_iterations = calls[0]
+        self.cg_iterations = calls
         self.cg_relative_residual = float(relative.max())
         if self.cg_relative_residual > 10 * self.cg_tol:
             log.warning("stage I: conjugate gradients stopped at relative residual %.3g after %d iterations "
