@@ -269,7 +269,7 @@ def measure_smc(task: Task, prior, particles: int, steps: int, seed: int) -> dic
         "resampling_events": int(diagnostics["resampled"][:, 0].sum()),
         "finite_particles": int(diagnostics["finite_particles"]),
         "max_stiffness": float(diagnostics["stiffness"].max()),
-        "cg_iterations": int(diagnostics.get("conditional_cg_iterations", 0)),
+        "cg_iterations": int(diagnostics["conditional_cg_iterations"]),
     }
     log.info("smc on %s: PSNR mean %s best %s, coverage %s (support %s), final ESS %s, %.2f s", task.name,
              _cell(row["psnr_mean"], ".2f"), _cell(row["psnr_best"], ".2f"), _cell(row["coverage"], ".3f"),
@@ -325,8 +325,8 @@ def markdown(report: dict) -> str:
                      f"{_cell(red['psnr'], '.2f')} | {_cell(red['ssim'], '.4f')} | {_cell(row['coverage'], '.3f')} | "
                      f"{_cell(row['coverage_support'], '.3f')} | {_cell(row['spread_error_ratio'], '.2f')} |")
     lines += ["", f"Cost (batch pass: one prior call on N images at the task's shape, median; cost ratio: SMC wall "
-                  f"per step / batch pass, goal <= {COST_GOAL}; per call: SMC wall / NFE / batch pass; CG calls: normal-operator "
-                  f"calls of the conditional proposal's solves, each on 2N images, per step):", "",
+                  f"per step / batch pass, goal <= {COST_GOAL}; per call: SMC wall / NFE / batch pass; CG calls: "
+                  f"normal-operator calls of the conditional proposal's solves, each on 2N images, per step):", "",
               "| task | SMC wall (s) | network (s) | NFE | particle evals | ESS final | ESS min | resamplings | "
               "RED-Diff wall (s) | SMC / RED-Diff | batch pass (s) | cost ratio / step | per call | CG calls / step |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -337,7 +337,8 @@ def markdown(report: dict) -> str:
                      f"{_cell(row['ess_min'], '.1f')} | {row['resampling_events']} | "
                      f"{_cell(red['wall_seconds'], '.2f')} | {_cell(row['smc_over_reddiff'], '.1f')}x | "
                      f"{row['batch_pass_seconds']:.4f} | {row['cost_ratio_per_step']:.2f} | "
-                     f"{row['cost_ratio_per_call']:.2f} | {row.get('cg_iterations', 0) / row['hyperparameters']['steps']:.1f} |")
+                     f"{row['cost_ratio_per_call']:.2f} | "
+                     f"{row['cg_iterations'] / row['hyperparameters']['steps']:.1f} |")
     notes = [f"{row['task']}: SMC {row['note']}" for row in report["rows"] if row["note"]]
     notes += [f"{row['task']}: RED-Diff {row['reddiff']['note']}" for row in report["rows"] if row["reddiff"]["note"]]
     if report["quick"]:
