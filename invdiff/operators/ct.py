@@ -6,17 +6,20 @@ outside its pixels):
 
     y[r] = sum_k  bilinear(x, f_r + k d_r),        k integer,
 
-which is a sparse matrix ``A`` with four weights per sample point. It is built once, at construction,
-as one record per sample point -- ray index, flat index of the top-left neighbour pixel, and the
-fractional offsets (row, col) -- stored as buffers (so ``.to()`` moves them). ``A`` gathers the four
-neighbours and accumulates onto rays with ``index_add``; ``A_adjoint`` runs the same records the other
-way round. Both compute the bilinear weights from the same stored offsets in the input's dtype, so the
-adjoint is the transpose of the forward to rounding error (float32 and float64 alike). Records are
-sorted by pixel, so the forward gathers nearly sequentially and the adjoint is a segment sum.
+which is a sparse matrix ``A`` with four bilinear weights per sample point. It is built once, at
+construction, and stored twice in compressed-sparse-row form, as ``A`` (rows = rays) and as ``A^T`` (rows =
+pixels), with the weights of a point's neighbours summed per (ray, pixel) pair and exact zeros dropped.
+``A`` and ``A_adjoint`` are then one sparse-times-dense product each, over the whole batch at once: the two
+matrices hold the same numbers, so the adjoint is the transpose of the forward to rounding error in any
+dtype, and autograd through either uses the other (``torch.func.vmap`` too: see :class:`_SparseMatmul`).
+A batch of 32 images at 128 px and 30 views projects and back-projects 30-40x faster than a gather /
+segment-sum loop over the images did, one image 2-4x faster (CPU, one thread).
 
-Memory is 16 bytes per sample point, about ``H * W`` points per angle: 190 MB at 256 x 256 with 180
-angles (float32 offsets; ``.double()`` makes them 285 MB). Construction peaks at about three times that
-(the sort by pixel) and takes a few seconds at that size.
+Memory is about 2.2 non-zeros per sample point (a point's four neighbours, shared between neighbouring
+points of the same ray) at 8 bytes each (int32 column, float32 weight) in each of the two matrices: about
+35 bytes per point, ``H * W`` points per angle, so 420 MB at 256 x 256 with 180 angles (``.double()``
+makes the weights float64: 630 MB). Construction sorts the entries once per chunk of rays and once for the
+transpose; it takes a few seconds at that size.
 
 Conventions (parallel beam: identical to ``skimage.transform.radon(image, theta=angles, circle=False)``
 when ``num_detectors`` and ``detector_spacing`` keep their defaults):
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -228,15 +232,71 @@ def angular_weights(angles_deg: np.ndarray, period: float) -> np.ndarray:
     return np.deg2rad(weights)
 
 
+# ---- the sparse matrix ---------------------------------------------------------------------------------
+def _ray_pixel_weights(ray: torch.Tensor, corner: torch.Tensor, offset: torch.Tensor, height: int, width: int):
+    """The entries of ``A`` from sample points: ``(row, col, weight)``, one per (ray, pixel) pair, sorted.
+
+    ray: the ray of each point (int64); corner: the flat index of its top-left neighbour in the image
+    zero-padded by one pixel; offset: (2, S) fractional (row, col) offsets, float64. Each point spreads the
+    bilinear weights ``(1-a)(1-b), (1-a)b, a(1-b), ab`` over its four neighbours; neighbours in the padding
+    and exact zeros are dropped, and the weights of one pixel on one ray are summed.
+    """
+    stride = width + 2
+    corner_row, corner_col = corner // stride - 1, corner % stride - 1
+    a, b = offset
+    keys, weights = [], []
+    for d_row, d_col, weight in ((0, 0, (1 - a) * (1 - b)), (0, 1, (1 - a) * b), (1, 0, a * (1 - b)), (1, 1, a * b)):
+        row, col = corner_row + d_row, corner_col + d_col
+        keep = (row >= 0) & (row < height) & (col >= 0) & (col < width) & (weight != 0)
+        keys.append(ray[keep] * (height * width) + (row * width + col)[keep])
+        weights.append(weight[keep])
+    keys, inverse = torch.unique(torch.cat(keys), sorted=True, return_inverse=True)
+    summed = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inverse, torch.cat(weights))
+    return keys // (height * width), keys % (height * width), summed
+
+
+def _compressed_rows(rows: torch.Tensor, num_rows: int, index_dtype: torch.dtype) -> torch.Tensor:
+    """CSR row pointers of entries sorted by row."""
+    return F.pad(torch.cumsum(torch.bincount(rows, minlength=num_rows), 0), (1, 0)).to(index_dtype)
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """``matrix @ columns`` for a CSR ``matrix`` and dense ``columns`` (P, K), differentiable in ``columns``
+    through the stored transpose (a CSR ``A^T`` product is ~25x faster than torch's CSC fallback) and
+    vmappable: a vmapped batch joins the K columns of one product instead of looping."""
+
+    @staticmethod
+    def forward(columns, matrix, transpose):
+        return matrix @ columns
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.transpose = inputs[2]
+        ctx.matrix = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SparseMatmul.apply(grad, ctx.transpose, ctx.matrix), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, columns, matrix, transpose):
+        if in_dims[1] is not None or in_dims[2] is not None:
+            raise ValueError("CT: the projection matrix cannot be vmapped over, only the images")
+        batched = columns.movedim(in_dims[0], -1)                       # (P, K, V)
+        out = _SparseMatmul.apply(batched.reshape(batched.shape[0], -1), matrix, transpose)
+        return out.reshape(out.shape[0], *batched.shape[1:]), -1
+
+
 # ---- the operators ------------------------------------------------------------------------------------
 class RaySampledCT(Operator):
     """Shared engine: ``y[r] = sum_k bilinear(x, f_r + k d_r)`` for a fixed set of rays.
 
     x: (B, C, H, W) float32/float64 (C = 1 for CT; channels are projected independently);
     y: (B, C, num_angles, num_detectors), same dtype. Subclasses build the rays and call
-    :meth:`_store_rays`. Buffers: ``angles`` (degrees), ``sample_ray``/``sample_pixel`` (int32,
-    one per sample point), ``sample_offset`` ((2, S) float32 bilinear offsets), ``pixel_offsets``
-    (int64, where each padded pixel's records start, CSR-style).
+    :meth:`_store_rays`. Buffers: ``angles`` (degrees) and the CSR parts of ``A`` (``forward_rows``,
+    ``forward_cols``, ``forward_weights``; rows = rays, row-major over (angle, detector)) and of ``A^T``
+    (``adjoint_*``; rows = pixels, row-major over (H, W)); indices int32 (int64 past 2^31 non-zeros),
+    weights float32 (``.double()`` converts them).
     """
 
     normalized = False
@@ -244,7 +304,7 @@ class RaySampledCT(Operator):
 
     def _store_rays(self, rays_of_angles, img_size: tuple[int, int], angles_deg: np.ndarray,
                     num_detectors: int) -> None:
-        """Sample every ray, sort the records by pixel and register them as buffers.
+        """Sample every ray, build ``A`` and ``A^T`` as CSR matrices and register their parts as buffers.
 
         rays_of_angles(theta) -> (foot, direction), each ``(len(theta), num_detectors, 2)`` float64.
         """
@@ -255,35 +315,47 @@ class RaySampledCT(Operator):
         theta = torch.deg2rad(torch.as_tensor(angles_deg, dtype=torch.float64))
         foot, direction = (t.reshape(-1, 2) for t in rays_of_angles(theta))
         k_first, counts = _ray_extents(foot, direction, height, width)
-        total = int(counts.sum())
-        ray = torch.empty(total, dtype=torch.int32)
-        pixel = torch.empty(total, dtype=torch.int32)
-        offset = torch.empty(2, total, dtype=torch.float32)
-        # Fill ray after ray, in chunks of about _CHUNK_POINTS points, to bound the float64 temporaries.
+        # Ray after ray, in chunks of about _CHUNK_POINTS points, to bound the temporaries. A ray lies in one
+        # chunk, so each chunk's entries are complete and sorted, and the chunks follow in ray order.
         ends = torch.cumsum(counts, 0)
+        rows, cols, weights = [], [], []
         first_ray, filled = 0, 0
         while first_ray < len(counts):
             last_ray = int(torch.searchsorted(ends, filled + _CHUNK_POINTS, right=True).clamp_min(first_ray + 1))
             rays = slice(first_ray, last_ray)
-            local_ray, local_pixel, local_offset = _sample_points(foot[rays], direction[rays], k_first[rays],
-                                                                  counts[rays], height, width)
-            stop = filled + len(local_ray)
-            ray[filled:stop] = local_ray + first_ray
-            pixel[filled:stop] = local_pixel
-            offset[:, filled:stop] = local_offset
-            first_ray, filled = last_ray, stop
-        pixel, order = torch.sort(pixel, stable=True)  # ray order kept within a pixel
-        ray = ray[order]  # one array at a time, to keep the peak memory low
-        offset = offset[:, order]
-        del order
-        padded_pixels = (height + 2) * (width + 2)
+            ray, corner, offset = _sample_points(foot[rays], direction[rays], k_first[rays], counts[rays],
+                                                 height, width)
+            row, col, weight = _ray_pixel_weights(ray, corner, offset, height, width)
+            rows.append((row + first_ray).to(torch.int32 if len(counts) < 2 ** 31 else torch.int64))
+            cols.append(col.to(torch.int32))
+            weights.append(weight.to(torch.float32))
+            filled += len(ray)
+            first_ray = last_ray
+        row, col, weight = torch.cat(rows), torch.cat(cols), torch.cat(weights)
+        del rows, cols, weights
+        index_dtype = torch.int32 if len(weight) < 2 ** 31 else torch.int64
+        num_rays, num_pixels = self.num_angles * num_detectors, height * width
         self.register_buffer("angles", torch.as_tensor(angles_deg, dtype=torch.float64))
-        self.register_buffer("sample_ray", ray)
-        self.register_buffer("sample_pixel", pixel)
-        self.register_buffer("sample_offset", offset)
-        counts_per_pixel = torch.bincount(pixel, minlength=padded_pixels)
-        self.register_buffer("pixel_offsets", F.pad(torch.cumsum(counts_per_pixel, 0), (1, 0)))
-        log.debug("%s: %d sample points (%.1f MB)", type(self).__name__, len(ray), len(ray) * 16 / 2**20)
+        self.register_buffer("forward_rows", _compressed_rows(row.long(), num_rays, index_dtype))
+        self.register_buffer("forward_cols", col.to(index_dtype))
+        self.register_buffer("forward_weights", weight)
+        # A^T: the same entries ordered by pixel (stable, so by ray within a pixel).
+        col, order = torch.sort(col, stable=True)
+        self.register_buffer("adjoint_rows", _compressed_rows(col.long(), num_pixels, index_dtype))
+        self.register_buffer("adjoint_cols", row[order].to(index_dtype))
+        self.register_buffer("adjoint_weights", weight[order])
+        log.debug("%s: %d sample points, %d non-zeros (%.1f MB)", type(self).__name__, filled, len(weight),
+                  self.matrix_bytes() / 2 ** 20)
+
+    def matrix_bytes(self) -> int:
+        """Bytes held by the two CSR matrices."""
+        return sum(getattr(self, f"{kind}_{part}").numel() * getattr(self, f"{kind}_{part}").element_size()
+                   for kind in ("forward", "adjoint") for part in ("rows", "cols", "weights"))
+
+    @property
+    def nnz(self) -> int:
+        """Non-zeros of ``A``."""
+        return self.forward_weights.numel()
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -297,50 +369,33 @@ class RaySampledCT(Operator):
         """Projection ``y = A x``: x (B, C, H, W) -> y (B, C, num_angles, num_detectors), dtype of x."""
         self._check_shape("x", x, self.img_size)
         batch, channels = x.shape[:2]
-        padded = F.pad(x.reshape(-1, *self.img_size), (1, 1, 1, 1)).reshape(batch * channels, -1)
-        rows, cols = self.sample_offset.to(x.dtype)
-        stride = self.img_size[1] + 2
-        num_rays = self.num_angles * self.num_detectors
-        projections = []
-        for image in padded:
-            # Bilinear interpolation at every sample point, then the sum along each ray.
-            top = torch.lerp(self._gather(image, 0), self._gather(image, 1), cols)
-            bottom = torch.lerp(self._gather(image, stride), self._gather(image, stride + 1), cols)
-            values = torch.lerp(top, bottom, rows)
-            projections.append(values.new_zeros(num_rays).index_add(0, self.sample_ray, values))
-        return torch.stack(projections).reshape(batch, channels, self.num_angles, self.num_detectors)
+        columns = x.reshape(batch * channels, -1).transpose(0, 1)            # (pixels, images)
+        out = _SparseMatmul.apply(columns, self._matrix("forward", x), self._matrix("adjoint", x))
+        return out.transpose(0, 1).reshape(batch, channels, self.num_angles, self.num_detectors)
 
     def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802
         """Back-projection ``A^T y``, the exact transpose of :meth:`A`: y (B, C, M, D) -> (B, C, H, W)."""
         self._check_shape("y", y, (self.num_angles, self.num_detectors))
         batch, channels = y.shape[:2]
-        height, width = self.img_size
-        rows, cols = self.sample_offset.to(y.dtype)
-        images = []
-        for sinogram in y.reshape(batch * channels, -1):
-            value = sinogram.index_select(0, self.sample_ray)
-            bottom = value * rows
-            top = value - bottom
-            bottom_right, top_right = bottom * cols, top * cols
-            # Each point's four bilinear weights go to the pixels right of and below its top-left
-            # neighbour: segment sums over the pixel-sorted records, read back shifted by one column / row.
-            sums = [self._sum_per_pixel(v).reshape(height + 2, width + 2)
-                    for v in (top - top_right, top_right, bottom - bottom_right, bottom_right)]
-            images.append(sums[0][1:-1, 1:-1] + sums[1][1:-1, :-2] + sums[2][:-2, 1:-1] + sums[3][:-2, :-2])
-        return torch.stack(images).reshape(batch, channels, height, width)
+        columns = y.reshape(batch * channels, -1).transpose(0, 1)            # (rays, sinograms)
+        out = _SparseMatmul.apply(columns, self._matrix("adjoint", y), self._matrix("forward", y))
+        return out.transpose(0, 1).reshape(batch, channels, *self.img_size)
 
     def A_dagger(self, y: torch.Tensor, *, max_iter: int = 500, tol: float = 1e-8, **kwargs) -> torch.Tensor:  # noqa: N802
         """Minimum-norm least squares ``A^+ y`` by CG on the normal equations (slow: for tests and small
         problems; use :meth:`fbp` for a fast approximate inverse)."""
         return super().A_dagger(y, max_iter=max_iter, tol=tol, **kwargs)
 
-    def _gather(self, padded_image: torch.Tensor, shift: int) -> torch.Tensor:
-        return padded_image[shift:].index_select(0, self.sample_pixel)
-
-    def _sum_per_pixel(self, values: torch.Tensor) -> torch.Tensor:
-        # unsafe: skip re-validating the offsets on every call (they are valid by construction); the
-        # checks cost more than the sum on a busy multi-threaded CPU.
-        return torch.segment_reduce(values, "sum", offsets=self.pixel_offsets, unsafe=True)
+    def _matrix(self, kind: str, like: torch.Tensor) -> torch.Tensor:
+        """``A`` (kind "forward") or ``A^T`` ("adjoint") as a CSR tensor in ``like``'s dtype (a cast copy of
+        the weights when the buffers hold another dtype; ``.to(dtype)`` the operator to avoid it)."""
+        rows, cols = getattr(self, f"{kind}_rows"), getattr(self, f"{kind}_cols")
+        weights = getattr(self, f"{kind}_weights").to(like.dtype)
+        shape = (len(rows) - 1, (self.num_angles * self.num_detectors) if kind == "adjoint"
+                 else self.img_size[0] * self.img_size[1])
+        with warnings.catch_warnings():   # torch flags its CSR support as beta on first use
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(rows, cols, weights, shape, check_invariants=False)
 
     @staticmethod
     def _check_shape(name: str, tensor: torch.Tensor, trailing: tuple[int, int]) -> None:

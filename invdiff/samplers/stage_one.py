@@ -67,8 +67,8 @@ def map_particles(fn: Callable[[torch.Tensor], torch.Tensor], xs: torch.Tensor) 
 
     With B = 1 the particles simply become the batch (operators broadcast batch-1 masks and maps). With B > 1
     an operator may hold one mask or coil map per problem, so ``torch.func.vmap`` maps over the particle axis
-    and each call sees the batch B it was built for -- still one batched computation, no Python loop (torch 2.x
-    has no vmap rule for ``segment_reduce``, so CT's adjoint falls back to a slower per-particle path when B > 1).
+    and each call sees the batch B it was built for -- still one batched computation, no Python loop (CT's sparse
+    product has its own vmap rule that joins the particles into one matrix product).
     """
     n, b = xs.shape[:2]
     if b == 1:
