@@ -11,6 +11,7 @@ analytic back-projection); the label says which one is deepinv's default.
 
     python -m benchmarks.ct_projector                 # 1 and all threads; writes benchmarks/results/ct_projector-<date>-cpu.{json,md}
     python -m benchmarks.ct_projector --size 64 --repeats 3 --out /tmp/bench   # a quick run
+    python -m benchmarks.ct_projector --size 128 --angles 30 --batch 32        # the SMC sampler's CT solves (-batch32 report)
 """
 from __future__ import annotations
 
@@ -69,23 +70,24 @@ def _adjoint_gap(op, x: torch.Tensor, seed: int = 0) -> float:
     return float(((ax * y).sum() - (x * op.A_adjoint(y)).sum()).abs() / (ax.norm() * y.norm()))
 
 
-def run(size: int, num_angles: int, repeats: int, warmup: int, threads: list[int]) -> dict:
+def run(size: int, num_angles: int, repeats: int, warmup: int, threads: list[int], batch: int = 1) -> dict:
     """One measurement per thread count, in this process, one after the other."""
-    runs = [measure(size, num_angles, repeats, warmup, count) for count in threads]
+    runs = [measure(size, num_angles, repeats, warmup, count, batch) for count in threads]
     return {
         "benchmark": "ct_projector",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": "cpu",
         "image_size": size, "num_angles": num_angles, "angles": "linspace(0, 180, num_angles, endpoint=False) deg",
-        "repeats": repeats, "warmup": warmup, "dtype": "float32", "batch": 1,
+        "repeats": repeats, "warmup": warmup, "dtype": "float32", "batch": batch,
         "torch": torch.__version__, "deepinv": _version("deepinv"), "skimage": _version("scikit-image"),
         "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "runs": runs,
     }
 
 
-def measure(size: int, num_angles: int, repeats: int, warmup: int, threads: int) -> dict:
-    """Build every projector, check it against skimage, then time forward + adjoint interleaved."""
+def measure(size: int, num_angles: int, repeats: int, warmup: int, threads: int, batch: int = 1) -> dict:
+    """Build every projector, check it against skimage, then time forward + adjoint interleaved on a batch
+    of ``batch`` copies of the phantom."""
     from skimage.transform import radon
 
     torch.set_num_threads(threads)
@@ -94,6 +96,7 @@ def measure(size: int, num_angles: int, repeats: int, warmup: int, threads: int)
     x = torch.from_numpy(image).float()[None, None]
     reference = radon(image, theta=theta, circle=False).T
     noise = torch.randn((1, 1, size, size), generator=torch.Generator().manual_seed(1))
+    timed = x.expand(batch, 1, size, size).contiguous()
 
     entries, operators = {}, {}
     for name, (build, to_numpy) in _projectors(size, theta).items():
@@ -107,7 +110,7 @@ def measure(size: int, num_angles: int, repeats: int, warmup: int, threads: int)
                          "adjoint_gap_float32": _adjoint_gap(operators[name], noise), "times_s": []}
 
     def forward_and_adjoint(op):
-        op.A_adjoint(op.A(x))
+        op.A_adjoint(op.A(timed))
 
     for _ in range(warmup):
         for op in operators.values():
@@ -172,12 +175,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--angles", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="images per timed call (the SMC sampler solves 2N at once)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()],
                         help="torch thread counts, one measurement each (default: 1 and all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown reports")
     args = parser.parse_args(argv)
-    result = run(args.size, args.angles, args.repeats, args.warmup, sorted(set(args.threads)))
-    stem = f"ct_projector-{datetime.date.today().isoformat()}-cpu"
+    result = run(args.size, args.angles, args.repeats, args.warmup, sorted(set(args.threads)), args.batch)
+    stem = f"ct_projector-{datetime.date.today().isoformat()}-cpu" + (f"-batch{args.batch}" if args.batch > 1 else "")
     _write_atomically(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     _write_atomically(args.out / f"{stem}.md", table)
