@@ -326,7 +326,7 @@ class RaySampledCT(Operator):
             ray, corner, offset = _sample_points(foot[rays], direction[rays], k_first[rays], counts[rays],
                                                  height, width)
             row, col, weight = _ray_pixel_weights(ray, corner, offset, height, width)
-            rows.append((row + first_ray).to(torch.int32 if len(counts) < 2 ** 31 else torch.int64))
+            rows.append(row + first_ray)
             cols.append(col.to(torch.int32))
             weights.append(weight.to(torch.float32))
             filled += len(ray)
@@ -336,7 +336,7 @@ class RaySampledCT(Operator):
         index_dtype = torch.int32 if len(weight) < 2 ** 31 else torch.int64
         num_rays, num_pixels = self.num_angles * num_detectors, height * width
         self.register_buffer("angles", torch.as_tensor(angles_deg, dtype=torch.float64))
-        self.register_buffer("forward_rows", _compressed_rows(row.long(), num_rays, index_dtype))
+        self.register_buffer("forward_rows", _compressed_rows(row, num_rays, index_dtype))
         self.register_buffer("forward_cols", col.to(index_dtype))
         self.register_buffer("forward_weights", weight)
         # A^T: the same entries ordered by pixel (stable, so by ray within a pixel).
