@@ -49,6 +49,7 @@ import invdiff
 from invdiff.compare import (SEED_STRIDE, Task, block_average, ct_task, inpainting_task, resolve_prior, scan_tasks,
                              smooth_gaussian_prior, task_settings)
 from invdiff.io import atomic_open, atomic_write_json
+from invdiff.priors.loading import trained_steps
 from invdiff.problem import InverseProblem
 from invdiff.registry import get_sampler
 from invdiff.samplers._common import call_prior, expand_sigma, timed
@@ -341,7 +342,8 @@ def main(argv=None) -> dict:
 def _prior_name(prior) -> str:
     metadata = getattr(prior, "metadata", {}) or {}
     name = getattr(prior, "name", type(prior).__name__)
-    return f"{name} (step {metadata['steps']})" if "steps" in metadata else name
+    steps = trained_steps(metadata)
+    return f"{name} (step {steps})" if steps is not None else name
 
 
 if __name__ == "__main__":
