@@ -176,9 +176,10 @@ class TiltedGaussian:
         self.cg_iterations = calls
         self.cg_relative_residual = float(relative.max())
         if self.cg_relative_residual > 10 * self.cg_tol:
-            log.warning("stage I: conjugate gradients stopped at relative residual %.3g after %d iterations "
-                        "(tolerance %.1g); the draws are not exact to that level", self.cg_relative_residual,
-                        self.cg_max_iter, self.cg_tol)
+            # Stage I and the SMC conditional step both solve here; rho tells them apart in the log.
+            log.warning("tilted Gaussian (rho %.3g, s %.3g): conjugate gradients stopped at relative residual %.3g "
+                        "after %d iterations (tolerance %.1g); the draws are not exact to that level", self.rho,
+                        self.sigma_y, self.cg_relative_residual, calls, self.cg_tol)
         return solution.reshape(rhs.shape)
 
     def mean(self) -> torch.Tensor:
