@@ -260,30 +260,31 @@ def _compressed_rows(rows: torch.Tensor, num_rows: int, index_dtype: torch.dtype
     return F.pad(torch.cumsum(torch.bincount(rows, minlength=num_rows), 0), (1, 0)).to(index_dtype)
 
 
+_TRANSPOSE = {"forward": "adjoint", "adjoint": "forward"}
+
+
 class _SparseMatmul(torch.autograd.Function):
-    """``matrix @ columns`` for a CSR ``matrix`` and dense ``columns`` (P, K), differentiable in ``columns``
-    through the stored transpose (a CSR ``A^T`` product is ~25x faster than torch's CSC fallback) and
+    """``M @ columns`` for one of an operator's CSR matrices (``kind`` "forward": ``A``, "adjoint": ``A^T``)
+    and dense ``columns`` (P, K). Differentiable in ``columns`` through the other stored matrix, built only
+    when a backward pass asks for it (a CSR ``A^T`` product is ~25x faster than torch's CSC fallback), and
     vmappable: a vmapped batch joins the K columns of one product instead of looping."""
 
     @staticmethod
-    def forward(columns, matrix, transpose):
-        return matrix @ columns
+    def forward(columns, operator, kind):
+        return operator._matrix(kind, columns) @ columns
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.transpose = inputs[2]
-        ctx.matrix = inputs[1]
+        ctx.operator, ctx.kind = inputs[1], inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
-        return _SparseMatmul.apply(grad, ctx.transpose, ctx.matrix), None, None
+        return _SparseMatmul.apply(grad, ctx.operator, _TRANSPOSE[ctx.kind]), None, None
 
     @staticmethod
-    def vmap(info, in_dims, columns, matrix, transpose):
-        if in_dims[1] is not None or in_dims[2] is not None:
-            raise ValueError("CT: the projection matrix cannot be vmapped over, only the images")
+    def vmap(info, in_dims, columns, operator, kind):
         batched = columns.movedim(in_dims[0], -1)                       # (P, K, V)
-        out = _SparseMatmul.apply(batched.reshape(batched.shape[0], -1), matrix, transpose)
+        out = _SparseMatmul.apply(batched.reshape(batched.shape[0], -1), operator, kind)
         return out.reshape(out.shape[0], *batched.shape[1:]), -1
 
 
@@ -368,23 +369,25 @@ class RaySampledCT(Operator):
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802
         """Projection ``y = A x``: x (B, C, H, W) -> y (B, C, num_angles, num_detectors), dtype of x."""
         self._check_shape("x", x, self.img_size)
-        batch, channels = x.shape[:2]
-        columns = x.reshape(batch * channels, -1).transpose(0, 1)            # (pixels, images)
-        out = _SparseMatmul.apply(columns, self._matrix("forward", x), self._matrix("adjoint", x))
-        return out.transpose(0, 1).reshape(batch, channels, self.num_angles, self.num_detectors)
+        return self._multiply("forward", x, (self.num_angles, self.num_detectors))
 
     def A_adjoint(self, y: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802
         """Back-projection ``A^T y``, the exact transpose of :meth:`A`: y (B, C, M, D) -> (B, C, H, W)."""
         self._check_shape("y", y, (self.num_angles, self.num_detectors))
-        batch, channels = y.shape[:2]
-        columns = y.reshape(batch * channels, -1).transpose(0, 1)            # (rays, sinograms)
-        out = _SparseMatmul.apply(columns, self._matrix("adjoint", y), self._matrix("forward", y))
-        return out.transpose(0, 1).reshape(batch, channels, *self.img_size)
+        return self._multiply("adjoint", y, self.img_size)
 
     def A_dagger(self, y: torch.Tensor, *, max_iter: int = 500, tol: float = 1e-8, **kwargs) -> torch.Tensor:  # noqa: N802
         """Minimum-norm least squares ``A^+ y`` by CG on the normal equations (slow: for tests and small
         problems; use :meth:`fbp` for a fast approximate inverse)."""
         return super().A_dagger(y, max_iter=max_iter, tol=tol, **kwargs)
+
+    def _multiply(self, kind: str, tensor: torch.Tensor, out_tail: tuple[int, int]) -> torch.Tensor:
+        """``A`` or ``A^T`` (see :meth:`_matrix`) applied to every (B, C) image / sinogram of ``tensor`` in one
+        product: the batch becomes the columns of a dense matrix."""
+        batch, channels = tensor.shape[:2]
+        columns = tensor.reshape(batch * channels, -1).transpose(0, 1)
+        out = _SparseMatmul.apply(columns, self, kind)
+        return out.transpose(0, 1).reshape(batch, channels, *out_tail)
 
     def _matrix(self, kind: str, like: torch.Tensor) -> torch.Tensor:
         """``A`` (kind "forward") or ``A^T`` ("adjoint") as a CSR tensor in ``like``'s dtype (a cast copy of
