@@ -230,7 +230,7 @@ def brain_prior_inputs(clean: np.ndarray, noise: np.ndarray, sigmas, scale: floa
 
 def reference_scale_of(image: np.ndarray) -> float:
     """The brain prior's normalisation: the 99.5th percentile of the whole slice's magnitude."""
-    from invdiff.datasets.training import reference_scale
+    from invdiff.normalisation import reference_scale
 
     return float(reference_scale(torch.from_numpy(np.abs(image))))
 

@@ -4,7 +4,7 @@ A linear problem ``y = A x + n`` is equivalent to ``y / s = A (x / s) + n / s``,
 ``sigma_y`` by one positive scale ``s`` gives a problem in the unknown ``x / s`` with the *same* posterior up to
 that change of variables; the solver runs on it and its result is multiplied back by ``s``.
 
-The default scale is the prior's own training normalisation (``invdiff.datasets.training.reference_scale``):
+The default scale is the prior's own training normalisation (:func:`reference_scale`, which training uses too):
 the 99.5th percentile of the magnitude of a reference image, here ``A^T y`` (``reference="adjoint"``). For
 Cartesian MRI with a unitary FFT that is the zero-filled image, which is what ``invdiff.reconstruct`` and the
 fastMRI literature use; for inpainting it is the observed pixels. Where ``A^T`` does not return an image on
@@ -21,12 +21,22 @@ import dataclasses
 
 import torch
 
-from invdiff.datasets.training import reference_scale
 from invdiff.problem import InverseProblem
 from invdiff.samplers._common import SampleResult
 
 DEFAULT_PERCENTILE = 99.5
 REFERENCES = ("adjoint", "pinv", "fbp")
+
+
+def reference_scale(magnitude: torch.Tensor, q: float = 99.5) -> torch.Tensor:
+    """``s = percentile_q(|x|)`` over the last two dims: (..., H, W) -> (...) float, floored at 1e-12.
+
+    The single normalisation rule shared by training (each full slice is divided by it) and the solvers.
+    """
+    if magnitude.ndim < 2:
+        raise ValueError(f"reference_scale expects (..., H, W), got shape {tuple(magnitude.shape)}")
+    flat = magnitude.abs().reshape(*magnitude.shape[:-2], -1).float()
+    return torch.quantile(flat, q / 100.0, dim=-1).clamp_min(1e-12)
 
 
 def is_complex_image(operator, x: torch.Tensor) -> bool:
@@ -103,4 +113,4 @@ def denormalise(result: SampleResult | torch.Tensor, scale: float) -> SampleResu
                                trajectory=trajectory, diagnostics={**result.diagnostics, "scale": scale})
 
 
-__all__ = ["normalise", "denormalise", "default_scale", "reference_image", "magnitude", "is_complex_image"]
+__all__ = ["reference_scale", "normalise", "denormalise", "default_scale", "reference_image", "magnitude", "is_complex_image"]

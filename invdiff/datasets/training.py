@@ -36,12 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from invdiff.normalisation import reference_scale
+
 log = logging.getLogger(__name__)
 
 PERCENTILE_NORMALISATION = {
     "kind": "percentile", "q": 99.5,
     "description": "each full slice divided by the 99.5th percentile of its magnitude (background included) "
-                   "before cropping; use invdiff.datasets.training.reference_scale(magnitude, q=99.5)",
+                   "before cropping; use invdiff.normalisation.reference_scale(magnitude, q=99.5)",
 }
 CT_NORMALISATION = {
     "kind": "fixed", "hu_range": [-1000.0, 1000.0],
@@ -49,17 +51,6 @@ CT_NORMALISATION = {
 }
 HELD_OUT_FILES = ("t1_coronal_slice.npy", "example4d.nii.gz")
 MNI_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
-
-
-def reference_scale(magnitude: torch.Tensor, q: float = 99.5) -> torch.Tensor:
-    """``s = percentile_q(|x|)`` over the last two dims: (..., H, W) -> (...) float, floored at 1e-12.
-
-    The single normalisation rule shared by training (each full slice is divided by it) and the solvers.
-    """
-    if magnitude.ndim < 2:
-        raise ValueError(f"reference_scale expects (..., H, W), got shape {tuple(magnitude.shape)}")
-    flat = magnitude.abs().reshape(*magnitude.shape[:-2], -1).float()
-    return torch.quantile(flat, q / 100.0, dim=-1).clamp_min(1e-12)
 
 
 def _check_not_held_out(path) -> None:
