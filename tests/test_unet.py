@@ -92,7 +92,7 @@ def test_config_round_trips_through_json():
     assert again == config
     assert EDMUNet(again).num_parameters() == EDMUNet(config).num_parameters()
     with pytest.raises(ValueError, match="unknown keys"):
-        UNetConfig.from_dict({**config.to_dict(), "attention": True})
+        UNetConfig.from_dict({**config.to_dict(), "attention_heads": 4})
     with pytest.raises(ValueError, match="groups"):
         UNetConfig(base_channels=12, groups=8)
 
@@ -101,3 +101,62 @@ def test_shipped_configuration_size():
     # The shipped priors use the defaults: ~3.4 M parameters (2-4 M budget for CPU training).
     n = EDMUNet(UNetConfig(channels=2)).num_parameters()
     assert 2e6 <= n <= 4e6
+
+
+def test_older_configs_load_without_the_new_fields():
+    # Exported priors from before 2026-12 lack attention / spacing keys: they rebuild the same network.
+    old = {k: v for k, v in UNetConfig(channels=2).to_dict().items()
+           if k not in ("attention", "spacing_conditioning", "default_spacing_mm")}
+    net = EDMUNet(UNetConfig.from_dict(old))
+    assert not net.config.attention and not net.config.spacing_conditioning
+    assert net.num_parameters() == EDMUNet(UNetConfig(channels=2)).num_parameters()
+
+
+def test_attention_block_starts_as_identity_and_keeps_any_size():
+    # Zero-initialised output projection: (h + 0) / sqrt(2) scales the mid features only, and once perturbed the
+    # attention mixes all positions, still for any input size.
+    net = perturbed(tiny(attention=True))
+    assert net.mid_attention is not None
+    x = torch.randn(2, 2, 21, 18)
+    out = net(x, torch.tensor([0.3, 3.0]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_unconditioned_prior_ignores_spacing():
+    net = tiny()
+    assert net.at_spacing(1.0) is net and net.at_spacing(None) is net
+
+
+def test_spacing_conditioning_changes_the_output_and_views_bind_it():
+    net = perturbed(tiny(spacing_conditioning=True, default_spacing_mm=2.0))
+    x = torch.randn(2, 2, 16, 16)
+    sigma = torch.tensor([0.5, 0.5])
+    # F must depend on the spacing, through the embedding added to the noise embedding.
+    assert (net(x, sigma, 1.0) - net(x, sigma, 4.0)).abs().max() > 1e-4
+    # A view at spacing s equals the network called with s; None means the config's default spacing.
+    torch.testing.assert_close(net.at_spacing(4.0)(x, sigma), net(x, sigma, 4.0))
+    torch.testing.assert_close(net.at_spacing(None)(x, sigma), net(x, sigma, 2.0))
+    torch.testing.assert_close(net(x, sigma), net(x, sigma, 2.0))
+    # Per-image spacings: each image gets its own.
+    both = net(x, sigma, torch.tensor([1.0, 4.0]))
+    torch.testing.assert_close(both[1:], net(x[1:], sigma[1:], 4.0))
+    view = net.at_spacing(4.0)
+    assert view.channels == 2 and view.sigma_max == net.sigma_max and view.dtype == net.dtype
+    assert view.at_spacing(1.0).spacing_mm == 1.0
+    with pytest.raises(ValueError, match="spacing"):
+        net.at_spacing(-1.0)
+    with pytest.raises(ValueError, match="default_spacing_mm"):
+        UNetConfig(spacing_conditioning=True)
+
+
+def test_slice_denoiser_passes_the_spacing_to_its_2d_prior():
+    from invdiff.priors.base import SliceDenoiser
+
+    net = perturbed(tiny(spacing_conditioning=True, default_spacing_mm=2.0))
+    volume = torch.randn(1, 2, 3, 16, 16)
+    sigma = torch.tensor([0.5])
+    at4 = SliceDenoiser(net, chunk=2).at_spacing(4.0)
+    expected = net(volume[0].permute(1, 0, 2, 3), sigma.expand(3), 4.0).permute(1, 0, 2, 3)[None]
+    torch.testing.assert_close(at4(volume, sigma), expected)
+    plain = SliceDenoiser(tiny(), chunk=2)
+    assert plain.at_spacing(4.0) is plain

@@ -36,6 +36,14 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x, sigma)")
 
+    def at_spacing(self, spacing_mm: float | None) -> "Denoiser":
+        """This prior at pixel spacing ``spacing_mm`` (mm per pixel; None: the prior's documented default).
+
+        Priors that take the spacing as conditioning return a view that passes it at every call; the default
+        (every prior without that conditioning) ignores it and returns ``self``.
+        """
+        return self
+
     def score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``grad log p_sigma(x) = (D(x, sigma) - x) / sigma^2`` (Tweedie)."""
         sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1)))
@@ -66,6 +74,11 @@ class SliceDenoiser(Denoiser):
         self.chunk = chunk
         self.sigma_min, self.sigma_max = prior.sigma_min, prior.sigma_max
         self.channels, self.image_size = prior.channels, prior.image_size
+
+    def at_spacing(self, spacing_mm: float | None) -> "SliceDenoiser":
+        """The same slice-wise prior with the 2-D prior at ``spacing_mm`` (in-plane spacing); ``self`` if unchanged."""
+        inner = self.prior.at_spacing(spacing_mm)
+        return self if inner is self.prior else SliceDenoiser(inner, chunk=self.chunk)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
