@@ -63,6 +63,7 @@ class TrainingSource:
 
     name = "source"
     normalisation: dict = PERCENTILE_NORMALISATION
+    nominal_spacing_mm: float = 1.0     # pixel spacing reported for every image when a source knows no better
 
     def __init__(self, *, channels: int, size: int, batch: int):
         if size < 8 or batch < 1:
@@ -71,6 +72,12 @@ class TrainingSource:
 
     def batch(self, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    def batch_with_spacing(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch (B, C, size, size), spacing (B,) mm/pixel)``: the pixel spacing each image shows, for
+        spacing-conditioned priors. Sources without per-image spacings report ``nominal_spacing_mm``."""
+        x = self.batch(generator)
+        return x, torch.full((x.shape[0],), float(self.nominal_spacing_mm))
 
     def batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
         while True:
@@ -145,8 +152,9 @@ def _patch_grid(generator, centers: torch.Tensor, canvas: tuple[int, int], size:
                 flip: bool = True) -> torch.Tensor:
     """Sampling grid (B, size, size, 2) in grid_sample's normalised coordinates (align_corners=False).
 
-    Patch pixel (u, v) maps to canvas pixel ``center + R(theta) diag(f) (u, v) / zoom + elastic(u, v)``: a random
-    flip ``f``, rotation, log-uniform zoom and a smooth displacement of up to ``elastic_px`` canvas pixels.
+    Patch pixel (u, v) maps to canvas pixel ``center + R(theta) diag(f, 1) (u, v) / zoom + elastic(u, v)``: a
+    random left-right flip ``f`` (never up-down: anatomy has a top and a bottom, and vertical flips leak into
+    samples), rotation, log-uniform zoom and a smooth displacement of up to ``elastic_px`` canvas pixels.
     """
     b = centers.shape[0]
     h, w = canvas
@@ -154,6 +162,7 @@ def _patch_grid(generator, centers: torch.Tensor, canvas: tuple[int, int], size:
     aspect = torch.exp(_uniform(generator, (b,), -0.1, 0.1))
     theta = _uniform(generator, (b,), -1.0, 1.0) * math.radians(max_rotation_deg)
     flips = torch.where(torch.rand(b, 2, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(b, 2)
+    flips[:, 1] = 1.0
     half = (size - 1) / 2
     r = torch.arange(size, dtype=torch.float32) - half
     v, u = torch.meshgrid(r, r, indexing="ij")                                   # (size, size)
@@ -487,7 +496,8 @@ class _SliceFileSource(TrainingSource):
 
     Each slice is normalised by :func:`reference_scale` of its full magnitude before cropping. Crops are
     ``size x size`` (zero-padded when the slice is smaller), centred with probability 0.9 on a pixel whose
-    magnitude exceeds 0.1 (the object, not the background), with random flips and 90-degree rotations.
+    magnitude exceeds 0.1 (the object, not the background), with random left-right flips (no up-down flips or
+    transposes: they leak into samples).
     Real slices get a smooth random phase when ``channels == 2``; complex slices keep theirs.
     """
 
@@ -539,13 +549,8 @@ class _SliceFileSource(TrainingSource):
         top = int(centers[0].clamp(pad, h - pad - 1)) - pad
         left = int(centers[1].clamp(pad, w - pad - 1)) - pad
         patch = image[:, top:top + self.size, left:left + self.size]
-        flips = torch.rand(3, generator=generator)
-        if flips[0] < 0.5:
+        if torch.rand((), generator=generator) < 0.5:
             patch = patch.flip(-1)
-        if flips[1] < 0.5:
-            patch = patch.flip(-2)
-        if flips[2] < 0.5:
-            patch = patch.transpose(-1, -2)
         if self.channels == 1:
             return patch.norm(dim=0, keepdim=True) if patch.shape[0] == 2 else patch
         if patch.shape[0] == 2:
@@ -684,12 +689,27 @@ def make_source(spec: str, *, channels: int, size: int, batch: int) -> TrainingS
         return MNIBrainSource(channels=channels, size=size, batch=batch, **_mni_options(spec, arg))
     if kind == "ct-phantoms" and not arg:
         return CTPhantomSource(channels=channels, size=size, batch=batch)
+    if kind == "ct-anatomy" and not arg:
+        from invdiff.datasets.ct_anatomy import CTAnatomySource
+
+        return CTAnatomySource(channels=channels, size=size, batch=batch)
     if kind == "folder" and arg:
         return FolderSource(arg, channels=channels, size=size, batch=batch)
     if kind == "fastmri" and arg:
         return FastMRISource(arg, channels=channels, size=size, batch=batch)
     raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain[:whole-head=F]', 'ct-phantoms', "
-                     f"'folder:PATH' or 'fastmri:PATH'")
+                     f"'ct-anatomy', 'folder:PATH' or 'fastmri:PATH'")
+
+
+def normalisation_for(spec: str) -> dict:
+    """The normalisation a prior trained on ``spec`` expects (CT sources: fixed HU scale; MR: percentile)."""
+    return CT_NORMALISATION if spec.partition(":")[0] in ("ct-phantoms", "ct-anatomy") else PERCENTILE_NORMALISATION
+
+
+def nominal_spacing_mm(spec: str) -> float:
+    """The default pixel spacing (mm) of a spacing-conditioned prior trained on ``spec``: 1 mm for MR (the
+    reconstruction regulariser's scale); 2 mm for ``ct-anatomy`` (a 256 mm field of view at 128 pixels)."""
+    return 2.0 if spec.partition(":")[0] == "ct-anatomy" else 1.0
 
 
 def _mni_options(spec: str, arg: str) -> dict:

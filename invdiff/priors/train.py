@@ -10,8 +10,15 @@ tensors; step, configs and history as JSON in the file's metadata; replaced atom
 checkpoint and gives bit-identical results to an uninterrupted run. ``export_prior`` writes the EMA weights
 as ``<name>.safetensors`` plus ``<name>.json`` metadata, which :func:`invdiff.priors.loading.load_prior` reads.
 
-    python -m invdiff.priors.train --data ct-phantoms --channels 1 --size 64 --steps 200000 \\
-        --batch 16 --out runs/ct-phantom --threads 1
+    python -m invdiff.priors.train --data ct-anatomy --channels 1 --size 64 --steps 12000 \\
+        --batch 8 --out runs/ct-anatomy
+
+The recipe (2026-12): ``sigma_data`` is measured from the data source (std over ``SIGMA_DATA_IMAGES`` training
+images drawn with their own generator) unless ``--sigma-data`` sets it; the learning rate warms up linearly and
+then follows a cosine to ``lr_floor * lr`` at ``lr_decay_steps`` (a pure function of the step, so a resumed run
+continues the same curve) and stays there; one CPU thread per job by default (two single-thread jobs on two
+cores beat one job on two threads on a busy machine). A spacing-conditioned network
+(``--spacing-conditioning``) is trained on the per-image pixel spacings its source reports.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
 LOSS_LOG = "loss.jsonl"
 FORMAT_VERSION = 1
+SIGMA_DATA_IMAGES = 512
 
 
 @dataclass
@@ -52,7 +60,10 @@ class TrainConfig:
     batch: int = 16
     lr: float = 2e-4
     warmup_steps: int = 1000
-    lr_schedule: str = "constant"          # "constant" after warm-up, or "cosine" decay to 0 at `steps`
+    lr_schedule: str = "constant"          # "constant" after warm-up, or "cosine" decay (see learning_rate)
+    lr_decay_steps: int = 0                # cosine horizon; 0: `steps` (the pre-2026-12 behaviour)
+    lr_floor: float = 0.0                  # cosine ends at lr_floor * lr and stays there
+    sigma_data_images: int = 0             # images sigma_data was measured on (0: given, not measured)
     ema_decay: float = 0.999
     p_mean: float = -1.2
     p_std: float = 1.2
@@ -80,26 +91,34 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------- math
 def edm_loss(net: EDMUNet, x0: torch.Tensor, generator: torch.Generator, *, p_mean: float = -1.2,
-             p_std: float = 1.2) -> torch.Tensor:
-    """EDM Eq. 8: mean over the batch of ``lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / numel``."""
+             p_std: float = 1.2, spacing: torch.Tensor | None = None) -> torch.Tensor:
+    """EDM Eq. 8: mean over the batch of ``lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2 / numel``.
+
+    spacing: (B,) mm/pixel of each image, passed to a spacing-conditioned network (ignored otherwise).
+    """
     b = x0.shape[0]
     log_sigma = p_mean + p_std * torch.randn(b, generator=generator, dtype=x0.dtype)
     sigma = log_sigma.exp()
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype) * sigma[:, None, None, None]
     sd = net.sigma_data
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-    per_image = (net(x0 + noise, sigma) - x0).pow(2).flatten(1).mean(dim=1)
+    x0_hat = net(x0 + noise, sigma, spacing) if net.config.spacing_conditioning else net(x0 + noise, sigma)
+    per_image = (x0_hat - x0).pow(2).flatten(1).mean(dim=1)
     return (weight * per_image).mean()
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant or cosine decay to 0 at ``steps``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant, or a cosine from ``lr`` at step 0 to
+    ``lr_floor * lr`` at ``lr_decay_steps`` (``steps`` when 0), constant after that:
+    ``lr (f + (1 - f) (1 + cos(pi min(1, t / T))) / 2)``. A pure function of the step (resumes exactly)."""
     warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
     if config.lr_schedule == "constant":
         return config.lr * warm
     if config.lr_schedule == "cosine":
-        progress = min(1.0, step / max(1, config.steps))
-        return config.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+        horizon = config.lr_decay_steps or config.steps
+        progress = min(1.0, step / max(1, horizon))
+        floor = config.lr_floor
+        return config.lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
 
 
@@ -113,6 +132,17 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 def ema_decay_at(config: TrainConfig, step: int) -> float:
     """EMA decay with a warm-up ``min(decay, (1 + step) / (10 + step))`` so early weights are forgotten fast."""
     return min(config.ema_decay, (1 + step) / (10 + step))
+
+
+def measure_sigma_data(source, seed: int, images: int = SIGMA_DATA_IMAGES) -> float:
+    """Std of all pixel values of ``images`` training images, drawn with their own generator (seed + 7919) so
+    the training data stream is unchanged. EDM's ``sigma_data`` (Karras et al. 2022, Sec. 5) is this std."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    batches, drawn = [], 0
+    while drawn < images:
+        batches.append(source.batch(generator).double())
+        drawn += batches[-1].shape[0]
+    return float(torch.cat(batches)[:images].std())
 
 
 # ------------------------------------------------------------------------------------------ the state
@@ -204,6 +234,17 @@ class TrainingState:
         log.info("warm start from %s", prior_path)
 
 
+def _with_sigma_data(config: TrainConfig, checkpoint: Path, source) -> TrainConfig:
+    """Fill ``unet.sigma_data``: from the run's checkpoint when resuming, else measured on the source."""
+    if checkpoint.exists():
+        saved = TrainConfig.from_dict(_checkpoint_metadata(checkpoint)["config"])
+        sigma_data, images = saved.unet["sigma_data"], saved.sigma_data_images
+    else:
+        sigma_data, images = measure_sigma_data(source, config.seed), SIGMA_DATA_IMAGES
+        log.info("sigma_data measured on %d images of %s: %.4f", images, config.data, sigma_data)
+    return dataclasses.replace(config, unet=dict(config.unet, sigma_data=sigma_data), sigma_data_images=images)
+
+
 def _strip(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -213,6 +254,8 @@ def _check_compatible(saved: TrainConfig, wanted: TrainConfig, path) -> None:
         if f.name in TrainConfig.RESUMABLE_CHANGES:
             continue
         a, b = getattr(saved, f.name), getattr(wanted, f.name)
+        if f.name == "unet":    # fields added later take their defaults in older checkpoints' configs
+            a, b = UNetConfig.from_dict(a).to_dict(), UNetConfig.from_dict(b).to_dict()
         if a != b:
             raise ValueError(f"{path}: checkpoint has {f.name}={a!r} but this run asks for {b!r}; use a new --out "
                              f"folder or the checkpoint's settings")
@@ -232,6 +275,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "aut
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / CHECKPOINT
+    source = make_source(config.data, channels=config.channels, size=config.size, batch=config.batch)
+    if config.unet.get("sigma_data") is None:
+        config = _with_sigma_data(config, checkpoint, source)
     state = TrainingState(config)
     if resume not in ("auto", "never", "must"):
         raise ValueError(f"resume must be 'auto', 'never' or 'must', got {resume!r}")
@@ -246,7 +292,6 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "aut
         state.warm_start(init)
     if command:
         state.commands.append(command)
-    source = make_source(config.data, channels=config.channels, size=config.size, batch=config.batch)
     log.info("training %s: %.2f M parameters, data %s, %d -> %d steps", run_dir,
              state.net.num_parameters() / 1e6, config.data, state.step, config.steps)
     _run_loop(state, source, run_dir, should_stop or (lambda: False), progress)
@@ -263,14 +308,19 @@ def _run_loop(state: TrainingState, source, run_dir: Path, should_stop, progress
     losses, data_seconds, step_seconds = [], 0.0, 0.0
     last_save = time.monotonic()
     state.net.train()
+    conditioned = state.net.config.spacing_conditioning
     while state.step < config.steps and not should_stop():
         t0 = time.perf_counter()
-        x0 = source.batch(state.data_generator)
+        if conditioned:
+            x0, spacing = source.batch_with_spacing(state.data_generator)
+        else:
+            x0, spacing = source.batch(state.data_generator), None
         t1 = time.perf_counter()
         lr = learning_rate(config, state.step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        loss = edm_loss(state.net, x0, state.noise_generator, p_mean=config.p_mean, p_std=config.p_std)
+        loss = edm_loss(state.net, x0, state.noise_generator, p_mean=config.p_mean, p_std=config.p_std,
+                        spacing=spacing)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -321,7 +371,7 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
     """
     from safetensors.torch import save_file
 
-    from invdiff.datasets.training import CT_NORMALISATION, PERCENTILE_NORMALISATION
+    from invdiff.datasets.training import normalisation_for
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint = run_dir / CHECKPOINT
@@ -336,12 +386,18 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
     save_file({k: v.contiguous() for k, v in state.ema.state_dict().items()}, str(tmp))
     os.replace(tmp, weights)
     config = state.config
-    normalisation = CT_NORMALISATION if config.data == "ct-phantoms" else PERCENTILE_NORMALISATION
+    normalisation = normalisation_for(config.data)
+    net_config = state.net.config
     meta = {
         "name": name, "format": FORMAT_VERSION, "architecture": "EDMUNet",
         "unet": state.net.config.to_dict(), "data": config.data, "channels": config.channels,
         "normalisation": normalisation, "train_size": config.size, "batch": config.batch, "lr": config.lr,
-        "lr_schedule": config.lr_schedule, "ema_decay": config.ema_decay, "seed": config.seed,
+        "lr_schedule": config.lr_schedule, "lr_decay_steps": config.lr_decay_steps or config.steps,
+        "lr_floor": config.lr_floor, "sigma_data": net_config.sigma_data,
+        "sigma_data_source": (f"measured: std of {config.sigma_data_images} training images"
+                              if config.sigma_data_images else "given"),
+        "spacing_conditioning": net_config.spacing_conditioning, "default_spacing_mm": net_config.default_spacing_mm,
+        "ema_decay": config.ema_decay, "seed": config.seed,
         "steps": state.step, "final_loss": state.last_loss, "training_commands": state.commands,
         "wall_seconds": round(state.wall_seconds, 1), "parameters": state.net.num_parameters(),
         "p_mean": config.p_mean, "p_std": config.p_std, "warm_start_from": state.warm_start_from,
@@ -373,17 +429,32 @@ def _checkpoint_metadata(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="invdiff train-prior", description="Train an EDM UNet prior (resumable).")
-    p.add_argument("--data", default="mni-brain", help="mni-brain[:whole-head=F] | ct-phantoms | folder:PATH | fastmri:PATH")
+    p.add_argument("--data", default="mni-brain",
+                   help="mni-brain[:whole-head=F] | mni-brain-scales | ct-phantoms | ct-anatomy | folder:PATH | "
+                        "fastmri:PATH[:whole-slice=F]")
     p.add_argument("--channels", type=int, default=2, help="1 (magnitude / CT) or 2 (complex MR: real, imag)")
     p.add_argument("--size", type=int, default=64, help="training patch size (pixels)")
     p.add_argument("--steps", type=int, default=100_000, help="total optimisation steps (a run can be extended)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", required=True, help="run folder: checkpoint, loss.jsonl, train.log")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: run parallel jobs rather than one job on many threads; "
+                        "0: torch's default)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=1000)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+                   help="cosine: from lr to lr-floor * lr at lr-decay-steps, constant after; constant: lr")
+    p.add_argument("--lr-decay-steps", type=int, default=0,
+                   help="length of the cosine (0: --steps); fixed for a run, so it can be extended with --steps")
+    p.add_argument("--lr-floor", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    p.add_argument("--sigma-data", type=float, default=None,
+                   help="EDM sigma_data (default: measured as the std of 512 training images; recorded)")
+    p.add_argument("--attention", action="store_true", help="one self-attention block at the coarsest level")
+    p.add_argument("--spacing-conditioning", action="store_true",
+                   help="condition the network on the pixel spacing (mm/pixel) each training image has")
+    p.add_argument("--default-spacing-mm", type=float, default=None,
+                   help="spacing a conditioned prior uses when none is given (default: the source's nominal one)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
     p.add_argument("--p-mean", type=float, default=TrainConfig.p_mean,
                    help="mean of ln(sigma) in the EDM loss (larger: more weight on the coarse, global scales)")
@@ -414,12 +485,24 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError(f"--channel-mults must be comma-separated integers, got {args.channel_mults!r}") from None
     if not args.p_std > 0:
         raise ValueError(f"--p-std must be > 0, got {args.p_std}")
+    if args.sigma_data is not None and not args.sigma_data > 0:
+        raise ValueError(f"--sigma-data must be > 0, got {args.sigma_data}")
+    if not 0 <= args.lr_floor <= 1:
+        raise ValueError(f"--lr-floor must be in [0, 1], got {args.lr_floor}")
+    default_spacing = None
+    if args.spacing_conditioning:
+        from invdiff.datasets.training import nominal_spacing_mm
+
+        default_spacing = args.default_spacing_mm or nominal_spacing_mm(args.data)
     unet = UNetConfig(channels=args.channels, base_channels=args.base_channels, channel_mults=mults,
-                      num_res_blocks=args.num_res_blocks)
+                      num_res_blocks=args.num_res_blocks, attention=args.attention,
+                      spacing_conditioning=args.spacing_conditioning, default_spacing_mm=default_spacing)
+    unet = dict(unet.to_dict(), sigma_data=args.sigma_data)      # None: measured when the run starts
     return TrainConfig(data=args.data, channels=args.channels, size=args.size, batch=args.batch, lr=args.lr,
-                       warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, ema_decay=args.ema,
+                       warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+                       lr_decay_steps=args.lr_decay_steps, lr_floor=args.lr_floor, ema_decay=args.ema,
                        p_mean=args.p_mean, p_std=args.p_std,
-                       seed=args.seed, unet=unet.to_dict(), steps=args.steps, log_every=args.log_every,
+                       seed=args.seed, unet=unet, steps=args.steps, log_every=args.log_every,
                        checkpoint_every_minutes=args.checkpoint_every_minutes,
                        checkpoint_every_steps=args.checkpoint_every_steps)
 
