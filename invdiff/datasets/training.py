@@ -148,8 +148,8 @@ def _smooth_phase(generator, grid: torch.Tensor) -> torch.Tensor:
 
 
 def _patch_grid(generator, centers: torch.Tensor, canvas: tuple[int, int], size: int,
-                *, scale_range=(0.7, 1.5), max_rotation_deg: float = 15.0, elastic_px: float = 3.0,
-                flip: bool = True) -> torch.Tensor:
+                *, scale_range=(0.7, 1.5), max_rotation_deg: float = 15.0, elastic_px=3.0,
+                flip: bool = True, zoom: torch.Tensor | None = None) -> torch.Tensor:
     """Sampling grid (B, size, size, 2) in grid_sample's normalised coordinates (align_corners=False).
 
     Patch pixel (u, v) maps to canvas pixel ``center + R(theta) diag(f, 1) (u, v) / zoom + elastic(u, v)``: a
@@ -158,7 +158,8 @@ def _patch_grid(generator, centers: torch.Tensor, canvas: tuple[int, int], size:
     """
     b = centers.shape[0]
     h, w = canvas
-    zoom = torch.exp(_uniform(generator, (b,), math.log(scale_range[0]), math.log(scale_range[1])))
+    if zoom is None:
+        zoom = torch.exp(_uniform(generator, (b,), math.log(scale_range[0]), math.log(scale_range[1])))
     aspect = torch.exp(_uniform(generator, (b,), -0.1, 0.1))
     theta = _uniform(generator, (b,), -1.0, 1.0) * math.radians(max_rotation_deg)
     flips = torch.where(torch.rand(b, 2, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(b, 2)
@@ -171,7 +172,7 @@ def _patch_grid(generator, centers: torch.Tensor, canvas: tuple[int, int], size:
     cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
     px = centers[:, 1, None, None] + cos * su - sin * sv
     py = centers[:, 0, None, None] + sin * su + cos * sv
-    amplitude = _uniform(generator, (b,), 0.0, elastic_px)[:, None, None]
+    amplitude = (torch.rand(b, generator=generator) * torch.as_tensor(elastic_px, dtype=torch.float32))[:, None, None]
     disp = torch.randn(b, 2, 4, 4, generator=generator)
     disp = F.interpolate(disp, size=(size, size), mode="bicubic", align_corners=True)
     px = px + amplitude * disp[:, 0]
@@ -389,6 +390,202 @@ class MNIBrainSource(TrainingSource):
         view = F.grid_sample(pooled, head_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         pick = whole[:, None, None, None]
         return torch.where(pick, view, patch), torch.where(pick, head_grid, grid)
+
+
+# ---------------------------------------------------------------------------- brain at many pixel spacings
+# Real MR volumes that registry packages carry and that are not evaluation images, with their in-plane pixel
+# spacing (mm). Kept out: the held-out images (HELD_OUT_FILES) and nibabel's functional.nii / anatomical.nii,
+# which come from the same nipy example subject and session as the held-out example4d.nii.gz EPI.
+REAL_MR_VOLUMES = (
+    # (package, path inside the package, in-plane spacing mm, slice range, description)
+    ("dipy", "data/files/S0_10slices.nii.gz", 2.0, (0, 10), "b0 (T2-weighted spin-echo EPI) of a DWI scan, axial"),
+    ("dipy", "data/files/aniso_vox.nii.gz", 4.0, (4, 22), "b0 EPI at 4 x 4 x 5 mm, axial"),
+    # The header says 1 mm, but the brain spans ~70 pixels front to back (an adult brain is ~160 mm): ~2.2 mm.
+    ("dipy", "data/files/test_piesno.nii.gz", 2.2, (2, 12), "noisy diffusion-weighted EPI, axial"),
+)
+RELATED_TO_HELD_OUT = ("functional.nii", "anatomical.nii")
+
+
+def _check_trainable_real_mr(path) -> None:
+    _check_not_held_out(path)
+    if Path(path).name in RELATED_TO_HELD_OUT:
+        raise ValueError(f"{path} shares its subject and session with a held-out test image; never train on it")
+
+
+@functools.lru_cache(maxsize=1)
+def real_mr_slices() -> tuple[tuple[torch.Tensor, float, str], ...]:
+    """Axial slices ``(image (H, W) float32 in display orientation, spacing mm, file name)`` of REAL_MR_VOLUMES,
+    each divided by :func:`reference_scale`; volumes whose package is missing are skipped with a warning."""
+    import importlib.util
+
+    import nibabel
+
+    out = []
+    for package, rel, spacing, (first, last), _ in REAL_MR_VOLUMES:
+        spec = importlib.util.find_spec(package)
+        path = Path(spec.origin).parent / rel if spec and spec.origin else None
+        if path is None or not path.is_file():
+            log.warning("real MR volume %s/%s not found; training without it", package, rel)
+            continue
+        _check_trainable_real_mr(path)
+        volume = np.asarray(nibabel.load(str(path)).dataobj, dtype=np.float32)
+        volume = volume[..., 0] if volume.ndim == 4 else volume
+        for k in range(first, min(last, volume.shape[2])):
+            image = torch.from_numpy(np.rot90(volume[:, :, k]).copy()).clamp_min(0)
+            out.append((image / reference_scale(image), spacing, path.name))
+    log.info("real MR: %d slices from %d volumes", len(out), len({name for *_, name in out}))
+    return tuple(out)
+
+
+class MNIScalesSource(MNIBrainSource):
+    """Brain views at pixel spacings from ~1 mm patches to whole heads at 3-4 mm, with each image's spacing.
+
+    The template (1 mm voxels) is shown in display orientation (anterior / superior up), so a view at spacing
+    ``s`` samples the 240 mm canvas every ``s`` mm (area-pooled first when ``s > 1.3``, so nothing aliases).
+    ``whole_head_fraction`` of the views are whole heads (``s`` log-uniform in [3, 4.2] mm, centred, central
+    slices only: the middle half of the brain's extent along each axis, as for every view at >= 2 mm); the rest are log-uniform in
+    [0.8, 3] mm, centred anywhere in the head, pulled to the middle as the field of view nears the head's size.
+    Augmentations are mild so they do not leak into samples: left-right flips only, rotations up to 8 degrees,
+    +-10 % aspect, elastic warps of at most 1.5 mm (4 mm for whole heads, where the template is one brain).
+    ``real_fraction`` of the views come from real MR slices (REAL_MR_VOLUMES: EPI b0 and DWI, axial) at spacings
+    at or above their own. ``noisy_fraction`` of the images get complex Gaussian noise of 0.5-3 % of the
+    reference scale (noisy low-resolution scans), so the magnitude of a 1-channel image is Rician.
+    """
+
+    name = "mni-brain-scales"
+    SPACING_RANGE = (0.8, 3.0)
+    WHOLE_HEAD_RANGE = (3.0, 4.2)
+    CENTRAL_FROM_MM = 2.0
+
+    def __init__(self, *, channels: int = 2, size: int = 64, batch: int = 16, whole_head_fraction: float = 0.4,
+                 real_fraction: float = 0.15, noisy_fraction: float = 0.25, real_t1_fraction: float = 0.2):
+        super().__init__(channels=channels, size=size, batch=batch, real_t1_fraction=real_t1_fraction)
+        self.whole_head_fraction, self.real_fraction, self.noisy_fraction = whole_head_fraction, real_fraction, \
+            noisy_fraction
+        self.central = self._central_indices(self.volumes[0])
+        self.real = real_mr_slices() if real_fraction > 0 else ()
+
+    def _central_indices(self, t1: torch.Tensor) -> list[int]:
+        """Indices into ``self.slices`` in the middle half of the brain's extent along their axis."""
+        keep = []
+        for axis in range(3):
+            indices = [i for a, i in self.slices if a == axis]
+            lo, hi = min(indices), max(indices)
+            keep += [n for n, (a, i) in enumerate(self.slices)
+                     if a == axis and lo + 0.25 * (hi - lo) <= i <= hi - 0.25 * (hi - lo)]
+        return keep
+
+    def _canvas_slices(self, generator, central_only: torch.Tensor | None = None) -> torch.Tensor:
+        picks = torch.randint(len(self.slices), (self.batch_size,), generator=generator)
+        central = torch.randint(len(self.central), (self.batch_size,), generator=generator)
+        if central_only is not None:
+            picks = torch.where(central_only, torch.tensor(self.central)[central], picks)
+        out = torch.zeros(self.batch_size, 4, self.canvas, self.canvas)
+        out[:, 3] = DISTANCE_CAP
+        for i, pick in enumerate(picks.tolist()):
+            axis, index = self.slices[pick]
+            plane = torch.rot90(self.volumes.select(axis + 1, index).float() / 255.0, 1, dims=(-2, -1))
+            dist = torch.rot90(self._slice_distance(axis, index).float(), 1, dims=(-2, -1))
+            h, w = plane.shape[-2:]
+            top, left = (self.canvas - h) // 2, (self.canvas - w) // 2
+            out[i, :3, top:top + h, left:left + w] = plane
+            out[i, 3, top:top + h, left:left + w] = dist
+        return out
+
+    def _tissue_intensities(self, generator) -> torch.Tensor:
+        families = list(CONTRASTS)
+        probs = torch.tensor([SCALES_CONTRAST_PROBS[f] for f in families])
+        choice = torch.multinomial(probs.expand(self.batch_size, -1), 1, generator=generator)[:, 0]
+        u = torch.rand(self.batch_size, 5, generator=generator)
+        ranges = torch.tensor([CONTRASTS[f] for f in families])
+        low, high = ranges[choice, :, 0], ranges[choice, :, 1]
+        return low + (high - low) * u
+
+    def _spacings(self, generator, whole: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.SPACING_RANGE
+        wlo, whi = self.WHOLE_HEAD_RANGE
+        part = torch.exp(_uniform(generator, (self.batch_size,), math.log(lo), math.log(hi)))
+        head = torch.exp(_uniform(generator, (self.batch_size,), math.log(wlo), math.log(whi)))
+        return torch.where(whole, head, part)
+
+    def _views(self, generator, canvas_images: torch.Tensor, spacing: torch.Tensor, canvas_mm: float,
+               weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (B, 1, size, size) of canvas images (B, 1, N, N) whose pixels are ``canvas_mm`` wide, at spacing
+        (B,) mm; returns the views and their grids."""
+        b, _, n, _ = canvas_images.shape
+        zoom = canvas_mm / spacing                                          # output pixels per canvas pixel
+        middle = (n - 1) / 2
+        centers = _head_biased_centers(generator, weight)
+        fov_fraction = (self.size * spacing / 180.0).clamp(max=1.0)         # a head is ~180 mm across
+        centers = middle + (centers - middle) * (1 - fov_fraction)[:, None] + 3.0 * torch.randn(b, 2,
+                                                                                                   generator=generator)
+        elastic = torch.where(spacing >= self.WHOLE_HEAD_RANGE[0], 4.0, 1.5) / canvas_mm
+        grid = _patch_grid(generator, centers, (n, n), self.size, max_rotation_deg=8.0, elastic_px=elastic,
+                           zoom=zoom)
+        views = torch.empty(b, 1, self.size, self.size)
+        pools = (0.77 / zoom).round().clamp(min=1).long()
+        for k in pools.unique().tolist():                                    # area-pool before minifying
+            idx = torch.nonzero(pools == k)[:, 0]
+            source = F.avg_pool2d(canvas_images[idx], k) if k > 1 else canvas_images[idx]
+            views[idx] = F.grid_sample(source, grid[idx], mode="bilinear", padding_mode="zeros", align_corners=False)
+        return views, grid
+
+    def _real_views(self, generator, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``count`` views of real MR slices at spacings in [own spacing, 4.2] mm: (views, spacings, grids)."""
+        picks = torch.randint(len(self.real), (count,), generator=generator).tolist()
+        views, spacings, grids = [], [], []
+        for pick in picks:
+            image, own, _ = self.real[pick]
+            n = int(math.ceil(240 / own))
+            canvas = torch.zeros(1, 1, n, n)
+            h, w = image.shape
+            ch, cw = min(h, n), min(w, n)
+            top, left = (n - ch) // 2, (n - cw) // 2
+            canvas[0, 0, top:top + ch, left:left + cw] = image[(h - ch) // 2:(h - ch) // 2 + ch,
+                                                               (w - cw) // 2:(w - cw) // 2 + cw]
+            lo = max(own, self.SPACING_RANGE[0])
+            spacing = torch.exp(_uniform(generator, (1,), math.log(lo), math.log(self.WHOLE_HEAD_RANGE[1])))
+            view, grid = self._views(generator, canvas, spacing, own, (canvas[:, 0] > 0.05).float())
+            views.append(view)
+            spacings.append(spacing)
+            grids.append(grid)
+        return torch.cat(views), torch.cat(spacings), torch.cat(grids)
+
+    def batch_with_spacing(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch_size
+        whole = torch.rand(b, generator=generator) < self.whole_head_fraction
+        spacing = self._spacings(generator, whole)
+        # Views that show most of a head (>= 2 mm: a 128 mm field of view at 64 px) use central slices only.
+        maps = self._canvas_slices(generator, spacing >= self.CENTRAL_FROM_MM)
+        magnitude = self._degrade(generator, self._synthesise(generator, maps))
+        magnitude = magnitude / reference_scale(magnitude[:, 0])[:, None, None, None]   # before cropping
+        views, grid = self._views(generator, magnitude, spacing, 1.0, (magnitude[:, 0] > 0.05).float())
+        real = torch.rand(b, generator=generator) < self.real_fraction
+        if self.real and bool(real.any()):
+            idx = torch.nonzero(real)[:, 0]
+            views[idx], spacing[idx], grid[idx] = self._real_views(generator, len(idx))
+        if self.channels == 2:
+            image = _complexify(views, _smooth_phase(generator, grid))
+        else:
+            image = torch.cat([views, torch.zeros_like(views)], dim=1)
+        noisy = (torch.rand(b, generator=generator) < self.noisy_fraction).float()
+        level = noisy * _uniform(generator, (b,), 0.005, 0.03)
+        image = image + level[:, None, None, None] * torch.randn(image.shape, generator=generator)
+        if self.channels == 1:
+            image = image.norm(dim=1, keepdim=True)
+        return image.contiguous(), spacing
+
+    def batch(self, generator: torch.Generator) -> torch.Tensor:
+        return self.batch_with_spacing(generator)[0]
+
+    def metadata(self) -> dict:
+        return dict(super().metadata(), real_fraction=self.real_fraction, noisy_fraction=self.noisy_fraction,
+                    spacing_range_mm=[self.SPACING_RANGE[0], self.WHOLE_HEAD_RANGE[1]],
+                    real_volumes=[f"{p}/{r}" for p, r, *_ in REAL_MR_VOLUMES])
+
+
+# Fewer random-intensity images than the patch source (their inversions look like no scan), more EPI / T2.
+SCALES_CONTRAST_PROBS = {"t1": 0.2, "t2": 0.2, "pd": 0.1, "flair": 0.15, "epi": 0.25, "random": 0.1}
 
 
 # ------------------------------------------------------------------------------------------ CT phantoms
@@ -685,6 +882,8 @@ def _center_crop(images: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def make_source(spec: str, *, channels: int, size: int, batch: int) -> TrainingSource:
     """Build a source from ``mni-brain``, ``ct-phantoms``, ``folder:PATH`` or ``fastmri:PATH``."""
     kind, _, arg = spec.partition(":")
+    if kind == "mni-brain-scales" and not arg:
+        return MNIScalesSource(channels=channels, size=size, batch=batch)
     if kind == "mni-brain":
         return MNIBrainSource(channels=channels, size=size, batch=batch, **_mni_options(spec, arg))
     if kind == "ct-phantoms" and not arg:
@@ -697,7 +896,7 @@ def make_source(spec: str, *, channels: int, size: int, batch: int) -> TrainingS
         return FolderSource(arg, channels=channels, size=size, batch=batch)
     if kind == "fastmri" and arg:
         return FastMRISource(arg, channels=channels, size=size, batch=batch)
-    raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain[:whole-head=F]', 'ct-phantoms', "
+    raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain[:whole-head=F]', 'mni-brain-scales', 'ct-phantoms', "
                      f"'ct-anatomy', 'folder:PATH' or 'fastmri:PATH'")
 
 
