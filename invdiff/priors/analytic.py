@@ -333,7 +333,21 @@ class AnalyticPrior(Denoiser):
                                      problem.sigma_y, self.event_shape)
         return post
 
+    def tweedie_covariance(self, x: torch.Tensor, sigma, v: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+        """``Cov[x0 | x0 + sigma n = x]^power v``: Tweedie's second moment ``sigma^2 dD/dx`` (symmetric PSD).
+
+        x, v: (B, C, H, W) or (B, d); sigma: scalar or (B,); power 1 (products) or 1/2 (draws
+        ``D + Cov^(1/2) xi`` from the Gaussian ``N(D, Cov)``). For a Gaussian prior the covariance does not
+        depend on x and ``p(x0 | x)`` is exactly that Gaussian (the SMC sampler's ``proposal="tweedie"``).
+        """
+        flat = _flat(v, self.event_shape)
+        sigma = as_sigma_batch(sigma, len(flat), flat)
+        return self._tweedie_covariance(flat, sigma, float(power)).reshape(v.shape)
+
     # subclass interface
+    def _tweedie_covariance(self, v: torch.Tensor, sigma: torch.Tensor, power: float) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form Tweedie covariance")
+
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -380,6 +394,13 @@ class GaussianPrior(AnalyticPrior):
         gain = lam / (lam + _column(sigma) ** 2).clamp_min(torch.finfo(x.dtype).tiny)
         return m + (gain * coefficients) @ q.T
 
+    def _tweedie_covariance(self, v, sigma, power):
+        # Cov[x0 | x] = S - S (S + sigma^2)^-1 S = Q diag(lam sigma^2 / (lam + sigma^2)) Q^T
+        lam, q = (t.to(v.dtype) for t in (self.eigenvalues, self.eigenvectors))
+        s2 = _column(sigma) ** 2
+        variance = lam * s2 / (lam + s2).clamp_min(torch.finfo(v.dtype).tiny)
+        return ((variance ** power) * (v @ q)) @ q.T
+
     def _log_prob(self, x, sigma):
         m, lam, q = (t.to(x.dtype) for t in (self.mean.reshape(-1), self.eigenvalues, self.eigenvectors))
         coefficients = (x - m) @ q
@@ -423,6 +444,10 @@ class DiagonalGaussianPrior(AnalyticPrior):
         m, var = self.mean.reshape(-1).to(x.dtype), self.var.reshape(-1).to(x.dtype)
         gain = var / (var + _column(sigma) ** 2).clamp_min(torch.finfo(x.dtype).tiny)
         return m + gain * (x - m)
+
+    def _tweedie_covariance(self, v, sigma, power):
+        var, s2 = self.var.reshape(-1).to(v.dtype), _column(sigma) ** 2
+        return (var * s2 / (var + s2).clamp_min(torch.finfo(v.dtype).tiny)) ** power * v
 
     def _log_prob(self, x, sigma):
         m, var = self.mean.reshape(-1).to(x.dtype), self.var.reshape(-1).to(x.dtype)
@@ -643,6 +668,12 @@ class StationaryGaussianPrior(AnalyticPrior):
         gain = p / (p + sigma.reshape(-1, 1, 1, 1) ** 2).clamp_min(torch.finfo(x.dtype).tiny)
         filtered = _ifft2_real(gain * _fft2(self._images(x) - m))
         return (m + filtered).reshape(x.shape)
+
+    def _tweedie_covariance(self, v, sigma, power):
+        # per frequency: Cov[x0 | x] = P sigma^2 / (P + sigma^2)
+        p, s2 = self.power_spectrum.to(v.dtype), sigma.reshape(-1, 1, 1, 1) ** 2
+        variance = p * s2 / (p + s2).clamp_min(torch.finfo(v.dtype).tiny)
+        return _ifft2_real(variance ** power * _fft2(self._images(v))).reshape(v.shape)
 
     def _log_prob(self, x, sigma):
         m, p = self.mean.to(x.dtype), self.power_spectrum.to(x.dtype)
@@ -879,8 +910,27 @@ def two_mode_mixture(d: int = 16, *, separation: float = 6.0, var: float = 1.0,
                                 shape=shape)
 
 
+def smooth_gaussian_prior(shape: Sequence[int], *, std: float = 0.5, correlation: float = 2.0,
+                          mean: float = 0.0) -> StationaryGaussianPrior:
+    """A stationary Gaussian field with a squared-exponential covariance: an exact, training-free prior.
+
+    ``P(k) ∝ exp(-2 pi^2 l^2 |k|^2)`` (k in cycles per pixel, ``l = correlation`` pixels), scaled so each pixel
+    has variance ``std^2`` (``mean(P) = std^2``): a smooth-image prior on the normalised scale (magnitude ~1).
+    shape: (C, H, W). Exact ``D(x, sigma)`` (a Wiener filter), so the diffusion solvers run in milliseconds;
+    used by ``--tiny`` recipes, tests and ``benchmarks/run.py --quick``. Not a model of any anatomy.
+    """
+    channels, height, width = (int(n) for n in shape)
+    kh = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
+    kw = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
+    power = torch.exp(-2 * math.pi ** 2 * correlation ** 2 * (kh ** 2 + kw ** 2))
+    power = power * (std ** 2 / power.mean())
+    return StationaryGaussianPrior(torch.full((channels, height, width), float(mean), dtype=torch.float64),
+                                   power.expand(channels, height, width).clone())
+
+
 __all__ = [
     "AnalyticPrior", "GaussianPrior", "DiagonalGaussianPrior", "LowRankGaussianPrior", "StationaryGaussianPrior",
     "GaussianMixturePrior", "GaussianPosterior", "FourierGaussianPosterior", "MixturePosterior",
     "grid_mixture_25", "two_mode_mixture", "gaussian_posterior", "dense_problem", "shift_invariant_transfer",
+    "smooth_gaussian_prior",
 ]
