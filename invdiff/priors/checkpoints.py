@@ -25,7 +25,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_state_dict", "load_strict", "strip_prefix", "has_common_prefix"]
+__all__ = ["load_state_dict", "read_checkpoint", "load_strict", "strip_prefix", "has_common_prefix", "is_shadow_ema",
+           "state_from_shadow_params"]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -49,22 +50,53 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None) -> dict[
     non-tensor entries; ``FileNotFoundError`` when ``path`` does not exist.
     """
     path = Path(path)
+    state = _unwrap_containers(read_checkpoint(path), path, key)
+    return _strip_wrapper_prefixes(state, path)
+
+
+def read_checkpoint(path: str | os.PathLike):
+    """The object stored in ``path``, read without executing code: a dict of tensors for ``.safetensors``,
+    whatever tensors, numbers, strings, lists and dicts ``torch.load(weights_only=True)`` accepts otherwise."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
-        loaded = _safetensors_load(path)
-    elif suffix in TORCH_SUFFIXES:
-        loaded = _torch_load_weights_only(path)
-    elif suffix in (".pkl", ".pickle"):
+        return _safetensors_load(path)
+    if suffix in TORCH_SUFFIXES:
+        return _torch_load_weights_only(path)
+    if suffix in (".pkl", ".pickle"):
         raise ValueError(f"{path}: plain pickle files (such as EDM's network-snapshot-*.pkl) carry executable "
                          f"code and will not be loaded; in an environment you trust, save "
                          f"`net.state_dict()` with safetensors.torch.save_file and load that file instead")
-    else:
-        raise ValueError(f"{path}: unsupported checkpoint suffix {path.suffix!r}; expected one of "
-                         f"{(SAFETENSORS_SUFFIX,) + TORCH_SUFFIXES}")
-    state = _unwrap_containers(loaded, path, key)
-    return _strip_wrapper_prefixes(state, path)
+    raise ValueError(f"{path}: unsupported checkpoint suffix {path.suffix!r}; expected one of "
+                     f"{(SAFETENSORS_SUFFIX,) + TORCH_SUFFIXES}")
+
+
+def is_shadow_ema(obj) -> bool:
+    """score-SDE's ``ExponentialMovingAverage.state_dict()``: ``{"decay", "num_updates", "shadow_params": [...]}``,
+    the EMA weights as a list in the order of the model's trainable parameters, without names."""
+    return isinstance(obj, Mapping) and isinstance(obj.get("shadow_params"), (list, tuple))
+
+
+def state_from_shadow_params(model_state: Mapping[str, torch.Tensor], shadow_params, trainable_keys: list[str],
+                             path) -> dict[str, torch.Tensor]:
+    """``model_state`` with the entries ``trainable_keys`` (in parameter order) replaced by ``shadow_params``.
+
+    Raises ``ValueError`` naming ``path``, the key, and both shapes at the first entry that does not fit, or
+    when the counts differ: a shifted list would put every weight in the wrong layer.
+    """
+    if len(shadow_params) != len(trainable_keys):
+        raise ValueError(f"{Path(path)}: the EMA holds {len(shadow_params)} tensors but the model has "
+                         f"{len(trainable_keys)} trainable parameters; cannot tell which EMA tensor is which")
+    state = dict(model_state)
+    for key, tensor in zip(trainable_keys, shadow_params):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(state[key].shape):
+            actual = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{Path(path)}: EMA tensor for {key!r} has shape {actual}; the model's {key!r} has "
+                             f"{tuple(state[key].shape)}")
+        state[key] = tensor
+    return state
 
 
 def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
@@ -111,6 +143,10 @@ def _unwrap_containers(obj, path: Path, key: str | None) -> dict[str, torch.Tens
         obj = obj[key]
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
         candidates = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)]
+        if candidates and is_shadow_ema(obj[candidates[0]]):
+            # score-SDE keeps its EMA as an unnamed list; load_score_sde_checkpoint maps it onto the names.
+            log.info("%s: the 'ema' entry is an unnamed list of tensors (score-SDE); skipping it", path)
+            candidates = candidates[1:]
         if not candidates:
             non_tensor = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
             raise ValueError(f"{path}: expected a dict of tensors or a container with one of the entries "
