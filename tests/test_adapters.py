@@ -6,7 +6,7 @@ Math checked here:
   ``m + v / (v + sigma^2) (x - m)`` on every grid sigma; likewise for v- and x0-prediction, for the VE score
   form ``x + sigma^2 s`` and for EDM preconditioning ``c_skip x + c_out F(c_in x, ln(sigma)/4)``.
 - ``t(sigma)`` is exactly ``t`` on grid points ``sigma_t = sqrt((1 - abar_t)/abar_t)``.
-- Each loader (ADM / DiffUNet, NCSN++ VE, EDM DDPM++ / NCSN++ / ADM) rebuilds a randomly initialised
+- Each loader (ADM vs deepinv's DiffUNet port, NCSN++ VE, EDM DDPM++ / NCSN++ / ADM) rebuilds a randomly initialised
   network from its native state_dict (.pt and .safetensors) and reproduces the raw network with the
   hand-derived conversion; deepinv's own preconditioned forward agrees where it has one.
 - Files with pickled code are refused without running it; checkpoints that do not fit are refused.
@@ -420,8 +420,10 @@ def test_load_strict_accepts_declared_optional_keys(generator):
     assert torch.equal(module[2].bias, source["2.bias"])
 
 
-# ------------------------------------------------------------------------------------------- ADM (deepinv DiffUNet)
-# deepinv's DiffUNet has a fixed size (93.6 M parameters, 375 MB per file): these tests are marked slow.
+# ------------------------------------------------------------------------------------------- ADM vs deepinv's port
+# deepinv's DiffUNet is an independent port of guided-diffusion's UNet in its FFHQ configuration (93.6 M
+# parameters, 375 MB per file): these tests are marked slow. The layout tests with the original code's own
+# outputs, at every configuration size, are in test_checkpoint_layouts.py.
 @pytest.fixture(scope="module")
 def adm_checkpoint(tmp_path_factory):
     """A random 1-channel guided-diffusion UNet with learned variance, saved as guided-diffusion saves it
@@ -439,7 +441,9 @@ def adm_checkpoint(tmp_path_factory):
 @pytest.mark.slow
 def test_adm_loader_reproduces_the_eps_network(adm_checkpoint, abar, grid, generator):
     """D(x, sigma) = x - sigma * eps_theta(x / sqrt(1 + sigma^2), t)[:, :1], t = nearest grid t in log sigma,
-    for the same weights read from .pt and from .safetensors."""
+    with eps_theta deepinv's DiffUNet and the loader's network (invdiff's ADMUNet, configured from the weights
+    alone: 128 channels, 6 levels, 1 res block, attention at 1/16, 64 channels per head), for the same weights
+    read from .pt and from .safetensors. Two implementations, so float32 round-off differs (~1e-6 in eps)."""
     net, folder = adm_checkpoint
     sigma = torch.stack([grid[137], torch.tensor(3.3, dtype=DOUBLE)]).float()
     t = torch.from_numpy(np.abs(np.log(grid.numpy())[None, :] - np.log(sigma.double().numpy())[:, None]).argmin(1))
@@ -449,20 +453,21 @@ def test_adm_loader_reproduces_the_eps_network(adm_checkpoint, abar, grid, gener
     expected = x - sigma.reshape(-1, 1, 1, 1) * eps
     assert eps.abs().mean() > 0.1                            # the comparison is not between zeros
     for name in ("ema_0.9999.pt", "ema_0.9999.safetensors"):
-        prior = load_adm_checkpoint(folder / name, image_size=32, in_channels=1)
+        prior = load_adm_checkpoint(folder / name, image_size=32)
         assert prior.learned_sigma and prior.channels == 1 and prior.image_size == (32, 32)
         assert not any(p.requires_grad for p in prior.parameters())
         with torch.no_grad():
-            torch.testing.assert_close(prior(x, sigma), expected, rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(prior(x, sigma), expected, rtol=1e-4, atol=1e-4, msg=name)
         del prior
 
 
 @pytest.mark.slow
 def test_adm_loader_refuses_wrong_channels(adm_checkpoint):
     _, folder = adm_checkpoint
-    message = r"ema_0\.9999\.pt: checkpoint does not fit DiffUNet.*input_blocks\.0\.0\.weight"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"ema_0\.9999\.pt: the configuration says in_channels=2 but the weights say 1"):
         load_adm_checkpoint(folder / "ema_0.9999.pt", image_size=32, in_channels=2)
+    with pytest.raises(ValueError, match=r"ema_0\.9999\.pt: learned_sigma=False but out\.2\.weight has 2 rows"):
+        load_adm_checkpoint(folder / "ema_0.9999.pt", learned_sigma=False)
 
 
 # ------------------------------------------------------------------------------------------- NCSN++ VE / EDM
@@ -541,11 +546,14 @@ def test_edm_loader_refuses_a_wrong_resolution(tmp_path):
         load_edm_checkpoint(tmp_path / "edm.pt", architecture="unet", image_size=16)
 
 
-def test_score_sde_layout_is_named_not_guessed(tmp_path):
+def test_score_sde_layout_is_recognised_and_checked(tmp_path):
+    """An ``all_modules.*`` file goes to the score-SDE loader, which names the module that is not NCSN++'s."""
     path = tmp_path / "checkpoint_24.pth"
     torch.save({"all_modules.0.W": torch.zeros(3), "all_modules.1.weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match=r"checkpoint_24\.pth: all_modules\.1 \(\['weight'\]\) is not the input convolution"):
+        load_ncsnpp_checkpoint(path)
     with pytest.raises(ValueError, match="score_sde_pytorch layout"):
-        load_ncsnpp_checkpoint(path, image_size=16, in_channels=1, **TINY)
+        load_edm_checkpoint(path, architecture="ncsnpp", image_size=16)
 
 
 # ------------------------------------------------------------------------------------------- diffusers

@@ -1,28 +1,34 @@
 """Foreign diffusion checkpoints as invdiff denoisers ``D(x, sigma) = E[x0 | x0 + sigma n = x]`` (EDM convention).
 
 Each family of networks gets one adapter that converts its own parameterisation to ``D``, and one loader
-that rebuilds deepinv's port of the architecture (``pretrained=None``: nothing is downloaded), reads the
+that rebuilds the architecture from the checkpoint's own configuration (nothing is downloaded), reads the
 user's local file safely (:mod:`invdiff.priors.checkpoints`) and refuses any key or shape mismatch.
 
-===========================  ==============================  ==========================================
-checkpoint                   loader                          conversion to ``D(x, sigma)``
-===========================  ==============================  ==========================================
-guided-diffusion / ADM eps   :func:`load_adm_checkpoint`     :class:`VPEpsAdapter`: ``x - sigma eps``
-score-SDE NCSN++ (VE)        :func:`load_ncsnpp_checkpoint`  :class:`VEScoreAdapter`: ``x + sigma^2 s``
-EDM (DDPM++, NCSN++, ADM)    :func:`load_edm_checkpoint`     :class:`EDMAdapter`: ``c_skip x + c_out F``
-diffusers ``UNet2DModel``    :func:`load_diffusers_unet`     :class:`VPEpsAdapter` (eps, v or x0)
-any ``D(x, sigma)`` network  --                              :class:`DenoiserAdapter` (as is)
-===========================  ==============================  ==========================================
+==============================  ================================  ==========================================
+checkpoint (layout)             loader                            conversion to ``D(x, sigma)``
+==============================  ================================  ==========================================
+guided-diffusion / ADM          :func:`load_adm_checkpoint`       :class:`VPEpsAdapter`: ``x - sigma eps``
+score-SDE NCSN++ (all_modules)  :func:`load_score_sde_checkpoint` :class:`VEScoreAdapter`: ``x + sigma^2 s``
+EDM-port NCSN++ (VE)            :func:`load_ncsnpp_checkpoint`    :class:`VEScoreAdapter`: ``x + sigma^2 s``
+EDM (DDPM++, NCSN++, ADM)       :func:`load_edm_checkpoint`       :class:`EDMAdapter`: ``c_skip x + c_out F``
+diffusers ``UNet2DModel``       :func:`load_diffusers_unet`       :class:`VPEpsAdapter` (eps, v or x0)
+any ``D(x, sigma)`` network     --                                :class:`DenoiserAdapter` (as is)
+==============================  ================================  ==========================================
 
-Networks produced by invdiff itself (``invdiff.priors.unet.EDMUNet``) already are denoisers and need no
-adapter. Every adapter works in the data range its network was trained on (``[-1, 1]`` for the public
-ADM, EDM and score-SDE weights); :class:`RescaledDenoiser` maps that range onto the caller's.
+guided-diffusion and score-SDE networks are rebuilt by invdiff's own implementations with the original key
+names (:mod:`invdiff.priors.adm`, :mod:`invdiff.priors.ncsnpp`), configured from the weights' keys and
+shapes plus whatever flags the weights do not show; EDM layouts use deepinv's ports. Networks produced by
+invdiff itself (``invdiff.priors.unet.EDMUNet``) already are denoisers and need no adapter. Every adapter
+works in the data range its network was trained on ([-1, 1] for ADM and EDM, score-SDE's [0, 1] unless
+``centered``); :class:`RescaledDenoiser` maps that range onto the caller's.
 
-    >>> prior = load_adm_checkpoint("ema_0.9999_500000.pt", image_size=256, in_channels=3)
-    >>> x0_hat = prior(x, torch.full((len(x),), 1.5))      # (B, 3, H, W) -> (B, 3, H, W)
+    >>> prior = load_adm_checkpoint("256x256_diffusion_uncond.pt")            # configuration read off the weights
+    >>> prior = load_score_sde_checkpoint("checkpoint_95.pth")                 # score-MRI's NCSN++, EMA weights
+    >>> x0_hat = prior(x, torch.full((len(x),), 1.5))      # (B, C, H, W) -> (B, C, H, W)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from invdiff.priors.base import Denoiser, as_sigma_batch
@@ -40,14 +47,14 @@ from invdiff.schedules import linear_beta_alphas_cumprod, sigmas_from_alphas_cum
 log = logging.getLogger(__name__)
 
 __all__ = ["VPEpsAdapter", "VEScoreAdapter", "NCSNppScore", "EDMAdapter", "DenoiserAdapter", "RescaledDenoiser",
-           "load_adm_checkpoint", "load_ncsnpp_checkpoint", "load_edm_checkpoint", "load_diffusers_unet",
+           "load_adm_checkpoint", "load_ncsnpp_checkpoint", "load_score_sde_checkpoint", "load_edm_checkpoint", "load_diffusers_unet",
            "alphas_cumprod_from_scheduler_config"]
 
 PREDICTIONS = ("epsilon", "v", "sample")
 EDM_ARCHITECTURES = ("ddpmpp", "ncsnpp", "adm")
 
-# deepinv's DiffUNet registers its own DDPM schedule as persistent buffers; guided-diffusion checkpoints
-# do not contain them (they are derived, not learned), so they may be absent from a checkpoint.
+# deepinv's DiffUNet registers its own DDPM schedule as persistent buffers (derived, not learned); a state dict
+# saved from it carries them, guided-diffusion's do not. The ADM loader drops them.
 _DIFFUNET_SCHEDULE_BUFFERS = ("sqrt_1m_alphas_cumprod", "sqrt_alphas_cumprod")
 
 # The EDM code base saves its networks inside a preconditioning wrapper whose body is ``self.model``.
@@ -230,54 +237,103 @@ def _sigma_list(log_sigma: torch.Tensor) -> list[float]:
     return [round(v, 6) for v in log_sigma.exp().tolist()]
 
 
-class _DiffUNetEpsilon(nn.Module):
-    """deepinv ``DiffUNet`` called in its timestep mode: ``(x_vp, t) -> [eps, (variance)]``."""
+class _ADMEpsilon(nn.Module):
+    """:class:`~invdiff.priors.adm.ADMUNet` as ``(x_vp, t) -> [eps, (variance)]``, with a fixed class label for
+    class-conditional networks; H and W are reflect-padded to the network's multiple and cropped back."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, class_label: int | None = None):
         super().__init__()
         self.net = net
         self.in_channels = net.in_channels
+        self.class_label = class_label
+        self.multiple = 2 ** (len(net.config.channel_mult) - 1)
 
     def forward(self, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # DiffUNet.forward pads H, W to multiples of 32 (circularly) and crops back.
-        return self.net(x_vp, t, type_t="timestep")
+        y = None if self.class_label is None else torch.full((len(x_vp),), self.class_label, device=x_vp.device)
+        h, w = x_vp.shape[-2:]
+        pad_h, pad_w = -h % self.multiple, -w % self.multiple
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            padded = F.pad(x_vp, (0, pad_w, 0, pad_h), mode=mode)
+            return self.net(padded, t, y)[..., :h, :w]
+        return self.net(x_vp, t, y)
 
 
-def load_adm_checkpoint(path: str | os.PathLike, *, image_size, in_channels: int = 3,
-                        learned_sigma: bool | None = None, large_model: bool = False, alphas_cumprod=None,
-                        clip_timestep: bool = True, continuous_timestep: bool = False,
-                        key: str | None = None) -> VPEpsAdapter:
-    """A guided-diffusion (ADM, Dhariwal & Nichol 2021) epsilon UNet checkpoint as a :class:`VPEpsAdapter`.
+def _adm_flags(path: Path, config) -> dict:
+    from invdiff.priors.adm import read_adm_flags
 
-    Architecture: deepinv's ``DiffUNet`` (the guided-diffusion / ILVR layout and key names, unconditional):
-    ``large_model=False`` is the 128-channel FFHQ configuration (1 res block, attention at 1/16 scale),
-    ``large_model=True`` the 256-channel ImageNet one (2 res blocks, attention at 1/8, 1/16, 1/32). ``path`` holds
-    the ``model.state_dict()`` guided-diffusion writes (``.pt``) or the same tensors as ``.safetensors``.
-    ``learned_sigma=None`` reads it from the checkpoint (``out.2.weight`` has ``2 C`` rows). Schedule:
-    ``alphas_cumprod`` of the training run, by default DDPM's linear betas 1e-4..2e-2 over 1000 steps.
-    ``image_size`` (int or (H, W)) records the training size; DiffUNet pads other sizes to multiples of 32.
-    The returned prior is in eval mode with frozen parameters, in the checkpoint's data range ([-1, 1]).
+    if config is None:
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            log.info("%s: reading the guided-diffusion flags beside it, %s", path, sidecar)
+            config = sidecar
+    return read_adm_flags(config)
+
+
+def load_adm_checkpoint(path: str | os.PathLike, *, config=None, image_size=None, in_channels: int | None = None,
+                        learned_sigma: bool | None = None, class_label: int | None = None, alphas_cumprod=None,
+                        clip_timestep: bool = True, continuous_timestep: bool = False, key: str | None = None,
+                        **settings) -> VPEpsAdapter:
+    """A guided-diffusion (ADM, Dhariwal & Nichol 2021) UNet checkpoint, in any configuration, as a :class:`VPEpsAdapter`.
+
+    The network (:class:`invdiff.priors.adm.ADMUNet`, guided-diffusion's key names) is built from the
+    checkpoint's own configuration: channels, ``channel_mult``, ``num_res_blocks``, attention levels,
+    ``learn_sigma``, scale-shift norm, resampling kind and class conditioning are read from the weights
+    (:func:`~invdiff.priors.adm.adm_config_from_state_dict`). What the weights do not show comes from
+    ``config``: guided-diffusion's flags as a dict, a JSON file, or the flag string of its README
+    (``"--attention_resolutions 32,16,8 --num_head_channels 64 --noise_schedule linear ..."``); by default a
+    ``<checkpoint>.json`` beside the file. Without flags: ``num_head_channels=64``, legacy attention order and
+    the linear 1000-step schedule, as in every released guided-diffusion model. ``settings`` (ADMConfig
+    fields, e.g. ``num_heads=4``) override single values; stated values that contradict the weights raise.
+
+    Schedule: ``alphas_cumprod``, else the flags' ``noise_schedule`` / ``diffusion_steps``, else DDPM's linear
+    1e-4..2e-2 over 1000 steps; ``predict_xstart`` flags an x0-predicting network. Class-conditional networks
+    need ``class_label`` (the class every denoising call is conditioned on). ``path`` holds the
+    ``model.state_dict()`` guided-diffusion writes (``.pt``, read with ``weights_only=True``) or the same
+    tensors as ``.safetensors``. The prior is in eval mode with frozen parameters, in the checkpoint's data
+    range ([-1, 1]); it runs at any size (reflect-padded to a multiple of ``2**(levels - 1)``).
+
+        >>> prior = load_adm_checkpoint("256x256_diffusion_uncond.pt", image_size=256)
     """
-    from deepinv.models import DiffUNet
+    from invdiff.priors.adm import ADMUNet, adm_config_from_flags, adm_config_from_state_dict, guided_diffusion_alphas_cumprod
 
+    path = Path(path)
     state = load_state_dict(path, key=key)
-    if learned_sigma is None:
-        out_weight = state.get("out.2.weight")
-        learned_sigma = out_weight is not None and out_weight.shape[0] == 2 * in_channels
-        log.info("%s: learned_sigma=%s (from the output layer's %s rows)", path, learned_sigma,
-                 None if out_weight is None else out_weight.shape[0])
-    out_channels = 2 * in_channels if learned_sigma else in_channels
-    if in_channels == 3 and not learned_sigma:
-        # DiffUNet replaces out_channels=3 by 6, so a 3-channel network without learned variance
-        # cannot be rebuilt with it.
-        raise ValueError(f"{path}: deepinv's DiffUNet always builds 6 output channels for in_channels=3; "
-                         f"this checkpoint has 3 (learned_sigma=False) and cannot be loaded into it")
-    net = DiffUNet(in_channels=in_channels, out_channels=out_channels, large_model=large_model, pretrained=None)
-    load_strict(net, state, path, optional_keys=_DIFFUNET_SCHEDULE_BUFFERS)
+    flags = _adm_flags(path, config)
+    stated = {**adm_config_from_flags(flags), **settings}
+    if image_size is not None and not isinstance(image_size, (tuple, list)):
+        stated.setdefault("image_size", int(image_size))
+    if in_channels is not None:
+        stated["in_channels"] = int(in_channels)
+    dropped = [k for k in _DIFFUNET_SCHEDULE_BUFFERS if k in state]
+    if dropped:
+        log.info("%s: dropping deepinv DiffUNet's derived schedule buffers %s", path, dropped)
+        state = {k: v for k, v in state.items() if k not in dropped}
+    cfg = adm_config_from_state_dict(state, source=path, **stated)
+    log.info("%s: ADM configuration %s", path, cfg)
+    if learned_sigma is not None and learned_sigma != cfg.learn_sigma:
+        raise ValueError(f"{path}: learned_sigma={learned_sigma} but out.2.weight has {cfg.out_channels} rows for "
+                         f"{cfg.in_channels} input channels (learned_sigma={cfg.learn_sigma})")
+    if cfg.out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise ValueError(f"{path}: out.2.weight has {cfg.out_channels} rows for {cfg.in_channels} input channels; "
+                         f"expected {cfg.in_channels} (eps) or {2 * cfg.in_channels} (eps and learned variance)")
+    if cfg.num_classes is not None and class_label is None:
+        raise ValueError(f"{path}: class-conditional network (label_emb.weight: {cfg.num_classes} classes); pass "
+                         f"class_label=... (the class to condition on)")
+    if cfg.num_classes is None and class_label is not None:
+        raise ValueError(f"{path}: class_label={class_label} given but the network is unconditional (no label_emb.weight)")
+    if class_label is not None and not 0 <= class_label < cfg.num_classes:
+        raise ValueError(f"{path}: class_label={class_label} outside [0, {cfg.num_classes})")
+    net = ADMUNet(cfg)
+    load_strict(net, state, path)
     net.eval().requires_grad_(False)
-    abar = linear_beta_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-    return VPEpsAdapter(_DiffUNetEpsilon(net), abar, learned_sigma=learned_sigma, clip_timestep=clip_timestep,
-                        continuous_timestep=continuous_timestep, channels=in_channels, image_size=image_size)
+    if alphas_cumprod is None:
+        alphas_cumprod = (guided_diffusion_alphas_cumprod(flags)
+                          if {"noise_schedule", "diffusion_steps"} & set(flags) else linear_beta_alphas_cumprod())
+    prediction = "sample" if str(flags.get("predict_xstart", "false")).lower() == "true" else "epsilon"
+    return VPEpsAdapter(_ADMEpsilon(net, class_label), alphas_cumprod, learned_sigma=cfg.learn_sigma,
+                        clip_timestep=clip_timestep, prediction=prediction, continuous_timestep=continuous_timestep,
+                        channels=cfg.in_channels, image_size=image_size if image_size is not None else cfg.image_size)
 
 
 # ----------------------------------------------------------------------------------------------- VE
@@ -335,32 +391,190 @@ class NCSNppScore(nn.Module):
         return self.net.forward_unet(x, (sigma / 2).log()) / _per_sample(sigma, x)
 
 
-def load_ncsnpp_checkpoint(path: str | os.PathLike, *, image_size: int, in_channels: int = 3,
-                           sigma_min: float = 0.02, sigma_max: float = 100.0, model_type: str = "ncsn",
+def load_ncsnpp_checkpoint(path: str | os.PathLike, *, image_size: int | None = None, in_channels: int | None = None,
+                           sigma_min: float | None = None, sigma_max: float | None = None, model_type: str = "ncsn",
                            key: str | None = None, **network_kwargs) -> VEScoreAdapter:
-    """A score-SDE NCSN++ VE checkpoint (Song et al. 2021) as a :class:`VEScoreAdapter`; see :class:`NCSNppScore`.
+    """A score-SDE NCSN++ VE checkpoint (Song et al. 2021) as a :class:`VEScoreAdapter`, in either layout.
 
-    Architecture: deepinv's ``NCSNpp(model_type, img_resolution=image_size, in_channels, ...)``, the EDM
-    code base's SongUNet layout; ``network_kwargs`` (``model_channels``, ``channel_mult``, ``num_blocks``,
-    ``attn_resolutions``, ``augment_dim``, ...) must match the training configuration (deepinv's defaults
-    otherwise; ``augment_dim`` is read from the checkpoint when not given). ``path`` holds the network's
-    ``state_dict`` as EDM writes it for its VE baselines (``VEPrecond.state_dict()``, keys ``model.*``) or
-    the bare body's (keys ``enc.*``, ``dec.*``), as ``.pt`` or ``.safetensors``. The original
-    score_sde_pytorch layout (``all_modules.*``) is not supported. Eval mode, frozen parameters.
+    - score_sde_pytorch's own layout (keys ``all_modules.N.*``: score-SDE, score-MRI, DiffusionMBIR) goes to
+      :func:`load_score_sde_checkpoint`, which reads the configuration off the weights; ``network_kwargs``
+      may hold its ``config=`` and settings; data range and sigma range are the training ones.
+    - EDM's port (keys ``model.*`` of ``VEPrecond.state_dict()``, or the bare body's ``enc.*``, ``dec.*``):
+      deepinv's ``NCSNpp(model_type, img_resolution=image_size, in_channels (default 3), ...)``, see
+      :class:`NCSNppScore`; ``network_kwargs`` (``model_channels``, ``channel_mult``, ``num_blocks``,
+      ``attn_resolutions``, ``augment_dim``, ...) must match the training configuration (deepinv's defaults
+      otherwise; ``augment_dim`` is read from the checkpoint when not given); [-1, 1] data, sigma in
+      [0.02, 100] unless given.
+
+    ``.pt`` (read with ``weights_only=True``) or ``.safetensors``. Eval mode, frozen parameters.
     """
-    state = _load_edm_family_state(path, key)
+    state = load_state_dict(path, key=key)
+    if any(k.startswith("all_modules.") for k in state):
+        if in_channels is not None:
+            network_kwargs["num_channels"] = in_channels
+        if image_size is not None:
+            network_kwargs["image_size"] = image_size
+        log.info("%s: score_sde_pytorch layout (all_modules.N.*)", path)
+        return load_score_sde_checkpoint(path, sigma_min=sigma_min, sigma_max=sigma_max, key=key, **network_kwargs)
+    if image_size is None:
+        raise ValueError(f"{path}: EDM-layout NCSN++ checkpoints need image_size=... (the training resolution)")
+    in_channels = 3 if in_channels is None else in_channels
+    state = _edm_family_state(state, path)
     net = _build_ncsnpp(model_type, image_size, in_channels, state, network_kwargs, path)
     load_strict(net, state, path)
     net.eval().requires_grad_(False)
-    return VEScoreAdapter(NCSNppScore(net, in_channels), sigma_min=sigma_min, sigma_max=sigma_max, channels=in_channels,
+    return VEScoreAdapter(NCSNppScore(net, in_channels), sigma_min=0.02 if sigma_min is None else sigma_min,
+                          sigma_max=100.0 if sigma_max is None else sigma_max, channels=in_channels,
                           image_size=image_size)
 
 
+class _ScoreSDEScore(nn.Module):
+    """score_sde_pytorch's NCSN++ as ``(x, sigma) -> score``; see :func:`load_score_sde_checkpoint`.
+
+    Fourier-embedded (continuous) networks take sigma itself. Positional (discrete) networks take the index
+    ``t`` of the grid sigma nearest in log; the returned value is rescaled by ``(sigma_t/sigma)^2`` so that
+    :class:`VEScoreAdapter`'s ``x + sigma^2 s`` is the network's own denoiser ``x + sigma_t^2 s_t``.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.in_channels = net.in_channels
+        self.positional = net.config.embedding_type == "positional"
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if not self.positional:
+            return self.net(x, sigma)
+        grid = self.net.sigmas.to(sigma.dtype)
+        index = (grid.log()[None, :] - sigma.log()[:, None]).abs().argmin(dim=1)
+        return self.net(x, index) * _per_sample(grid[index] / sigma, x) ** 2
+
+
+def _read_json_config(config, what: str) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(os.fspath(config))
+    if path.suffix == ".py":
+        raise ValueError(f"{path}: {what} configs written in Python are code and are not executed; write the fields "
+                         f"you need as JSON ({{\"model\": {{...}}, \"data\": {{...}}}}) and pass that")
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the {what} configuration as JSON ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the {what} configuration must be a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def _flat_score_sde_config(config: Mapping) -> dict:
+    flat = {}
+    for part in ("data", "model", "training"):
+        if isinstance(config.get(part), Mapping):
+            flat.update(config[part])
+    flat.update({k: v for k, v in config.items() if not isinstance(v, Mapping)})
+    return flat
+
+
+def _score_sde_model_state(obj, path: Path, key: str | None, ema: bool) -> dict[str, torch.Tensor]:
+    """The weights of a score-SDE checkpoint: ``{"model", "ema", "optimizer", "step"}`` (EMA weights by default,
+    mapped onto the model's names in parameter order) or any state dict :func:`load_state_dict` reads."""
+    from invdiff.priors.checkpoints import is_shadow_ema, state_from_shadow_params
+
+    container = isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and key is None
+    if not container:
+        return load_state_dict(path, key=key)
+    model = dict(obj["model"])
+    if has_common_prefix(model, "module."):
+        model = strip_prefix(model, "module.")
+    if not ema:
+        log.info("%s: using the 'model' weights (ema=False)", path)
+        return model
+    if not is_shadow_ema(obj.get("ema")):
+        log.warning("%s: no score-SDE EMA entry ('ema' with 'shadow_params'); using the 'model' weights", path)
+        return model
+    # ExponentialMovingAverage keeps the parameters with requires_grad, in model.parameters() order, which is
+    # the state dict's order without buffers ('sigmas') and without the fixed Fourier features (all_modules.0.W).
+    trainable = [k for k in model if k != "sigmas" and not (k == "all_modules.0.W" and model[k].ndim == 1)]
+    log.info("%s: using the EMA weights (%d tensors)", path, len(trainable))
+    return state_from_shadow_params(model, obj["ema"]["shadow_params"], trainable, path)
+
+
+def load_score_sde_checkpoint(path: str | os.PathLike, *, config=None, ema: bool = True, sigma_min: float | None = None,
+                              sigma_max: float | None = None, key: str | None = None, **settings) -> VEScoreAdapter:
+    """A score_sde_pytorch NCSN++ checkpoint (keys ``all_modules.N.*``, VE SDE) as a :class:`VEScoreAdapter`.
+
+    ``D(x, sigma) = x + sigma^2 s(x, sigma)`` with ``s`` the network's score (Song et al. 2021; score-MRI and
+    DiffusionMBIR use this layout). The network (:class:`invdiff.priors.ncsnpp.NCSNppScoreSDE`) is built from
+    the checkpoint's own structure, read from its keys and shapes (channels, ``nf``, ``ch_mult``,
+    ``num_res_blocks``, attention levels, embedding, resblock and pyramid types). Flags that leave no trace in
+    the weights (``centered``, ``fir``/``fir_kernel``, ``skip_rescale``, ``scale_by_sigma``, ``nonlinearity``)
+    come from ``config`` (score-SDE's config as a dict or JSON file, ``{"model": {...}, "data": {...},
+    "training": {...}}``, same field names) or ``settings``, else take the VE NCSN++ values every public
+    checkpoint of this family uses. Values that contradict the weights raise ``ValueError``.
+
+    Data range: that of training, as score-SDE's sampler feeds the network (``data.centered=False``: [0, 1],
+    e.g. score-MRI's magnitude images divided by their maximum); sigma in the same units. ``sigma_min`` and
+    ``sigma_max`` default to ``model.sigma_min/max`` of ``config``, else to the ends of the checkpoint's
+    ``sigmas`` buffer. The file may be score-SDE's training checkpoint ``{"model", "ema", "optimizer", "step"}``
+    (``torch.load(weights_only=True)``): its EMA weights are used unless ``ema=False``, as score-SDE samples.
+    Only VE-trained networks (``training.sde == "vesde"``) have this score form; VP ones are refused when the
+    config says so. Eval mode, frozen parameters.
+
+        >>> prior = load_score_sde_checkpoint("checkpoint_95.pth", config={"data": {"image_size": 320}})
+    """
+    from invdiff.priors.checkpoints import read_checkpoint
+    from invdiff.priors.ncsnpp import NCSNppConfig, NCSNppScoreSDE, ncsnpp_config_from_state_dict
+
+    path = Path(path)
+    flat = _flat_score_sde_config(_read_json_config(config, "score-SDE"))
+    if str(flat.get("sde", "vesde")).lower() != "vesde":
+        raise ValueError(f"{path}: the config says training.sde={flat['sde']!r}; only VE (vesde) networks output "
+                         f"the score this adapter converts")
+    state = _score_sde_model_state(read_checkpoint(path), path, key, ema)
+    if not any(k.startswith("all_modules.") for k in state):
+        raise ValueError(f"{path}: no 'all_modules.N.*' keys; not a score_sde_pytorch NCSN++ checkpoint")
+    fields = {f.name for f in dataclasses.fields(NCSNppConfig)}
+    stated = {k: (v.lower() if isinstance(v, str) else v) for k, v in flat.items() if k in fields}
+    stated.update(settings)
+    attn_resolutions = stated.pop("attn_resolutions", flat.get("attn_resolutions"))
+    structure = ncsnpp_config_from_state_dict(state, source=path, **{k: v for k, v in stated.items()
+                                                                      if k != "attn_levels"})
+    if attn_resolutions is not None and "attn_levels" not in stated:
+        if structure.image_size is None:
+            raise ValueError(f"{path}: attn_resolutions needs data.image_size")
+        stated["attn_levels"] = tuple(level for level in range(len(structure.ch_mult))
+                                      if structure.image_size // 2 ** level in set(attn_resolutions))
+    cfg = ncsnpp_config_from_state_dict(state, source=path, **stated)
+    log.info("%s: NCSN++ configuration %s", path, cfg)
+    net = NCSNppScoreSDE(cfg)
+    optional = () if cfg.embedding_type == "positional" else ("sigmas",)
+    if "sigmas" not in state and cfg.embedding_type == "positional":
+        raise ValueError(f"{path}: positional (discrete) NCSN++ needs its 'sigmas' buffer, which the file lacks")
+    load_strict(net, state, path, optional_keys=optional)
+    net.eval().requires_grad_(False)
+    sigma_min = sigma_min if sigma_min is not None else flat.get("sigma_min")
+    sigma_max = sigma_max if sigma_max is not None else flat.get("sigma_max")
+    if (sigma_min is None or sigma_max is None) and "sigmas" in state:
+        ends = state["sigmas"].double()
+        sigma_min = float(ends.min()) if sigma_min is None else sigma_min
+        sigma_max = float(ends.max()) if sigma_max is None else sigma_max
+    if sigma_min is None or sigma_max is None:
+        raise ValueError(f"{path}: no 'sigmas' buffer and no model.sigma_min/sigma_max in the config; pass "
+                         f"sigma_min=... and sigma_max=... (the training noise range)")
+    return VEScoreAdapter(_ScoreSDEScore(net), sigma_min=float(sigma_min), sigma_max=float(sigma_max),
+                          channels=cfg.num_channels, image_size=cfg.image_size)
+
+
 def _load_edm_family_state(path, key) -> dict[str, torch.Tensor]:
-    state = load_state_dict(path, key=key)
+    return _edm_family_state(load_state_dict(path, key=key), path)
+
+
+def _edm_family_state(state: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
     if any(k.startswith("all_modules.") for k in state):
-        raise ValueError(f"{path}: this is the score_sde_pytorch layout (keys 'all_modules.*'); only the EDM/deepinv "
-                         f"SongUNet layout (keys 'enc.*', 'dec.*', 'map_*') is supported")
+        raise ValueError(f"{path}: this is the score_sde_pytorch layout (keys 'all_modules.*'), not EDM's; load it "
+                         f"with load_score_sde_checkpoint (or load_ncsnpp_checkpoint)")
     if has_common_prefix(state, _EDM_PRECOND_PREFIX):
         log.info("%s: stripping EDM's preconditioning prefix %r", path, _EDM_PRECOND_PREFIX)
         state = strip_prefix(state, _EDM_PRECOND_PREFIX)
