@@ -61,12 +61,16 @@ def trained_steps(metadata: dict):
 def load_prior(name_or_path, device="cpu") -> EDMUNet:
     """Rebuild an exported :class:`EDMUNet` in eval mode with frozen weights, after checking its sha256.
 
-    The returned module carries ``.metadata`` (the JSON dict) and ``.name``.
+    The returned module carries ``.metadata`` (the JSON dict) and ``.name``. A guided-diffusion or score-SDE
+    checkpoint, or a JSON describing one, loads through :func:`invdiff.priors.adapters.load_foreign_prior`.
     """
     from safetensors.torch import load_file
 
+    from invdiff.priors.adapters import is_foreign_prior, load_foreign_prior
     from invdiff.priors.train import sha256_file
 
+    if is_foreign_prior(name_or_path):
+        return load_foreign_prior(name_or_path).to(device)
     json_path, weights_path = resolve_prior_files(name_or_path)
     meta = prior_info(json_path)
     if not weights_path.is_file():
