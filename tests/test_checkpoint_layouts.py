@@ -342,3 +342,55 @@ def test_released_guided_diffusion_256_without_flags():
     cfg = adm_config_from_state_dict(meta_state(keys))
     assert (cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.attention_ds) == (256, (1, 1, 2, 2, 4, 4), 2, (8, 16, 32))
     assert (cfg.num_head_channels, cfg.resblock_updown, cfg.use_scale_shift_norm) == (64, True, True)
+
+
+# ------------------------------------------------------------------------------------------------- through the suite
+def test_a_score_mri_style_prior_runs_through_load_prior_and_a_sampler(tmp_path):
+    """``invdiff.load_prior(description.json)`` (what ``--prior`` calls) on score-SDE's training checkpoint of a
+    1-channel network, applied to the real and imaginary channels of a complex image separately (score-MRI's
+    use): each channel's D equals the original network's reference denoiser; the prior records the weights'
+    sha256; RED-Diff on a Cartesian MRI problem runs with it."""
+    import hashlib
+
+    import invdiff
+    from invdiff.compare import resolve_prior
+
+    meta, ref = SDE_META["ve_continuous"], SDE_TENSORS["ve_continuous"]
+    torch.save(score_sde_training_checkpoint(rebuilt_weights(meta, sde_schedule(meta)), 3), tmp_path / "checkpoint_7.pth")
+    spec = {"architecture": "score-sde", "checkpoint": "checkpoint_7.pth", "config": meta["config"], "channels": 2}
+    (tmp_path / "score-mri-like.json").write_text(json.dumps(spec))
+    prior = invdiff.load_prior(str(tmp_path / "score-mri-like.json"))
+    assert resolve_prior(tmp_path / "score-mri-like.json", torch.device("cpu")).sha256 == prior.sha256
+    assert prior.sha256 == hashlib.sha256((tmp_path / "checkpoint_7.pth").read_bytes()).hexdigest()
+    assert (prior.channels, prior.image_size, prior.name) == (2, None, "score-mri-like")
+    sigma, expected = expected_ve_denoiser(meta, ref)
+    pair = torch.cat([ref["x"][:1], ref["x"][:1]], dim=1)              # (1, 2, 16, 16): real = imag = sample 0
+    with torch.no_grad():
+        d = prior(pair, sigma[:1])
+    close(d[:, :1], expected[:1], "real channel")
+    close(d[:, 1:], expected[:1], "imaginary channel")
+
+    op = invdiff.registry.example_operator("cartesian_mri")
+    x = torch.rand(1, 2, *op.img_size, generator=torch.Generator().manual_seed(0))
+    problem = invdiff.InverseProblem(op, op.A(x), 0.01)
+    result = invdiff.sample("reddiff", problem, prior, steps=3, generator=torch.Generator().manual_seed(1))
+    assert result.x.shape == x.shape and bool(torch.isfinite(result.x).all())
+
+
+def test_load_prior_takes_a_bare_guided_diffusion_checkpoint(tmp_path):
+    """A bare guided-diffusion .pt is recognised by its keys; an invdiff export (.safetensors with its own JSON)
+    is not taken for a foreign checkpoint."""
+    import invdiff
+    from invdiff.priors.adapters import is_foreign_prior
+
+    meta = ADM_META["updown_heads4"]
+    torch.save(rebuilt_weights(meta), tmp_path / "ema.pt")
+    (tmp_path / "ema.json").write_text(json.dumps({"architecture": "guided-diffusion", "checkpoint": "ema.pt",
+                                                   "options": {"num_heads": 4}, "scale": 2.0, "shift": -1.0}))
+    prior = invdiff.load_prior(str(tmp_path / "ema.json"))
+    assert (prior.channels, prior.scale, prior.shift) == (3, 2.0, -1.0)   # [0, 1] images onto the [-1, 1] network
+    (tmp_path / "ema.json").unlink()
+    assert invdiff.load_prior(str(tmp_path / "ema.pt")).channels == 3     # no flags: 64 channels per head
+    (tmp_path / "export.safetensors").write_bytes(b"")
+    (tmp_path / "export.json").write_text(json.dumps({"architecture": "EDMUNet"}))
+    assert not is_foreign_prior(tmp_path / "export.safetensors")

@@ -47,7 +47,8 @@ from invdiff.schedules import linear_beta_alphas_cumprod, sigmas_from_alphas_cum
 log = logging.getLogger(__name__)
 
 __all__ = ["VPEpsAdapter", "VEScoreAdapter", "NCSNppScore", "EDMAdapter", "DenoiserAdapter", "RescaledDenoiser",
-           "load_adm_checkpoint", "load_ncsnpp_checkpoint", "load_score_sde_checkpoint", "load_edm_checkpoint", "load_diffusers_unet",
+           "ChannelwiseDenoiser", "load_adm_checkpoint", "load_ncsnpp_checkpoint", "load_score_sde_checkpoint",
+           "load_foreign_prior", "is_foreign_prior", "load_edm_checkpoint", "load_diffusers_unet",
            "alphas_cumprod_from_scheduler_config"]
 
 PREDICTIONS = ("epsilon", "v", "sample")
@@ -266,7 +267,10 @@ def _adm_flags(path: Path, config) -> dict:
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
             log.info("%s: reading the guided-diffusion flags beside it, %s", path, sidecar)
-            config = sidecar
+            config = read_adm_flags(sidecar)
+            if "architecture" in config:              # a prior description (load_foreign_prior), not flags
+                config = config.get("config") or {}
+                config = config if isinstance(config, Mapping) else sidecar.parent / config
     return read_adm_flags(config)
 
 
@@ -742,6 +746,121 @@ class RescaledDenoiser(Denoiser):
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         sigma = as_sigma_batch(sigma, x.shape[0], x)
         return (self.prior(self.scale * x + self.shift, self.scale * sigma) - self.shift) / self.scale
+
+
+class ChannelwiseDenoiser(Denoiser):
+    """A ``k``-channel prior applied to each group of ``k`` channels of a ``C``-channel image, as independent images.
+
+    ``D(x, sigma)[:, g k:(g + 1) k] = D_k(x[:, g k:(g + 1) k], sigma)``: the prior of the image is the product of
+    the prior over groups. For a 1-channel prior on a complex MRI image (C = 2, real and imaginary) this is how
+    score-MRI (Chung & Ye 2022) uses its magnitude-trained network: the real and imaginary parts are denoised as
+    two separate images. x: (B, C, H, W); the groups are batched into one call of the wrapped prior.
+    """
+
+    def __init__(self, prior: Denoiser, channels: int):
+        super().__init__()
+        if channels < 1 or channels % prior.channels:
+            raise ValueError(f"ChannelwiseDenoiser: {channels} channels do not split into groups of the prior's "
+                             f"{prior.channels}")
+        self.prior = prior
+        self.channels = int(channels)
+        self.sigma_min, self.sigma_max, self.image_size = prior.sigma_min, prior.sigma_max, prior.image_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prior.dtype
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        _check_channels(x, self.channels, "ChannelwiseDenoiser")
+        batch, groups = x.shape[0], self.channels // self.prior.channels
+        sigma = as_sigma_batch(sigma, batch, x)
+        flat = x.reshape(batch * groups, self.prior.channels, *x.shape[2:])
+        return self.prior(flat, sigma.repeat_interleave(groups)).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------- foreign priors by path
+FOREIGN_ARCHITECTURES = ("guided-diffusion", "score-sde")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def _foreign_spec(path: Path) -> dict | None:
+    """The prior description in ``path`` if it is a foreign prior (see :func:`load_foreign_prior`), else None."""
+    if not path.is_file():
+        return None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return spec if isinstance(spec, dict) and spec.get("architecture") in FOREIGN_ARCHITECTURES else None
+    if suffix not in _CHECKPOINT_SUFFIXES:
+        return None
+    sidecar = path.with_suffix(".json")
+    if suffix == ".safetensors" and sidecar.is_file() and _foreign_spec(sidecar) is None:
+        return None                                       # an invdiff export: weights + its own metadata
+    return {"checkpoint": path.name}
+
+
+def is_foreign_prior(name_or_path) -> bool:
+    """True for a guided-diffusion / score-SDE checkpoint file or a JSON describing one (:func:`load_foreign_prior`)."""
+    return _foreign_spec(Path(str(name_or_path))) is not None
+
+
+def load_foreign_prior(name_or_path) -> Denoiser:
+    """A prior from a guided-diffusion or score-SDE checkpoint, by path, for ``invdiff.load_prior`` and ``--prior``.
+
+    ``name_or_path``: the checkpoint itself (layout recognised from its keys: ``all_modules.N.*`` is score-SDE
+    NCSN++, ``input_blocks.*`` guided-diffusion; network and data range as trained) or a JSON file describing it::
+
+        {"architecture": "score-sde",           # or "guided-diffusion"
+         "checkpoint": "checkpoint_95.pth",     # relative to the JSON file
+         "config": {"data": {"image_size": 320}},   # score-SDE config / guided-diffusion flags (dict or file)
+         "options": {"ema": true},              # further keyword arguments of the loader
+         "scale": 1.0, "shift": 0.0,            # the network saw u = scale x + shift (RescaledDenoiser)
+         "channels": 2}                         # apply per group of channels (ChannelwiseDenoiser)
+
+    With ``channels`` larger than the network's, the network denoises each group of its own channel count
+    separately (a 1-channel magnitude prior on the real and imaginary parts of a complex MRI image). The returned
+    prior carries ``name``, ``sha256`` (of the weights file) and ``metadata`` (the description), for the records
+    outputs keep; its ``image_size`` is None: both networks run at any size divisible by 2^(levels - 1).
+    """
+    from invdiff.priors.train import sha256_file
+
+    source = Path(str(name_or_path))
+    spec = _foreign_spec(source)
+    if spec is None:
+        raise ValueError(f"{source}: not a guided-diffusion / score-SDE checkpoint nor a JSON describing one "
+                         f"(\"architecture\" one of {FOREIGN_ARCHITECTURES})")
+    if "checkpoint" not in spec:
+        raise ValueError(f"{source}: key 'checkpoint' missing; expected the weights file, relative to the JSON")
+    checkpoint = (source.parent / spec["checkpoint"]).resolve()
+    options = dict(spec.get("options", {}))
+    config = spec.get("config")
+    if isinstance(config, str):
+        config = str(source.parent / config)
+    architecture = spec.get("architecture")
+    if architecture is None:
+        keys = load_state_dict(checkpoint).keys()
+        architecture = ("score-sde" if any(k.startswith("all_modules.") for k in keys) else
+                        "guided-diffusion" if "input_blocks.0.0.weight" in keys else None)
+        if architecture is None:
+            raise ValueError(f"{checkpoint}: neither score-SDE NCSN++ (all_modules.N.*) nor guided-diffusion "
+                             f"(input_blocks.*) keys; load other layouts with invdiff.priors.adapters' loaders")
+    if architecture == "score-sde":
+        prior = load_score_sde_checkpoint(checkpoint, config=config, **options)
+    else:
+        prior = load_adm_checkpoint(checkpoint, config={} if config is None else config, **options)
+    if spec.get("scale", 1.0) != 1.0 or spec.get("shift", 0.0) != 0.0:
+        prior = RescaledDenoiser(prior, scale=float(spec.get("scale", 1.0)), shift=float(spec.get("shift", 0.0)))
+    channels = int(spec.get("channels", prior.channels))
+    if channels != prior.channels:
+        prior = ChannelwiseDenoiser(prior, channels)
+    prior.image_size = None
+    prior.name = source.stem
+    prior.sha256 = sha256_file(checkpoint)
+    prior.metadata = {**spec, "architecture": architecture, "checkpoint": str(checkpoint), "sha256": prior.sha256}
+    return prior.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers
