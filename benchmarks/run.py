@@ -1,6 +1,6 @@
-"""Samplers side by side, one run: the same prior and the same input for every sampler on every task.
+"""Solvers side by side, one run: the same prior and the same input for every solver on every task.
 
-For each task and sampler: wall seconds, network seconds (inside the prior: forward passes, plus DPS's backward
+For each task and solver: wall seconds, network seconds (inside the prior: forward passes, plus DPS's backward
 passes), the solver overhead fraction ``(wall - network) / wall``, NFE, peak memory and PSNR/SSIM (fastMRI
 protocol); and, per task, RED-Diff's time per reconstruction over DPS's at equal steps.
 
@@ -9,7 +9,7 @@ protocol); and, per task, RED-Diff's time per reconstruction over DPS's at equal
     python -m benchmarks.run --device cuda            # bf16 around the network (--network-dtype) on CUDA
     python -m benchmarks.run --mri-prior PATH.json --ct-prior PATH.json --threads 1
 
-Tasks (built by the task builders of :mod:`invdiff.compare`, so they are the recipes' problems):
+Tasks (built by the task layer :mod:`invdiff.tasks`, so they are the recipes' problems):
 
 * ``mri-4x``: ``data/brain_t1_multicoil.h5`` through the ``invdiff reconstruct`` pipeline (8 coils, ESPIRiT,
   fastMRI random mask at 4x, k-space 384 x 192), prior ``brain-mri-complex``;
@@ -17,22 +17,22 @@ Tasks (built by the task builders of :mod:`invdiff.compare`, so they are the rec
   ``ct-phantom`` (fixed scale);
 * ``inpainting``: the T1 slice (192 x 192, complex, zero phase), 50 % random pixels, prior ``brain-mri-complex``.
 
-Samplers: ``--samplers`` (default reddiff, dps, diffpir, ddrm and the classical cg-sense, l1-wavelet, tv), each
-task's baseline first (zero-filled / FBP); later samplers add their rows by name. Diffusion samplers run at
-``--steps`` each with the task-family settings of :data:`invdiff.compare.TASK_SETTINGS` (DPS's tuned zeta,
-RED-Diff's FBP start on CT). Before timing, the prior is called once at each task's shape (warm-up).
+Solvers: ``--solvers`` (default reddiff, dps, diffpir, ddrm and the classical cg-sense, l1-wavelet, tv), each
+task's baseline first (zero-filled / FBP); later solvers add their rows by name. Diffusion solvers run at
+``--steps`` each with the task family's row of :mod:`invdiff.settings` (DPS's tuned zeta, RED-Diff's FBP start on
+CT). Before timing, the prior is called once at each task's shape (warm-up).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run minus the allocation at its start; on
 CPU the peak resident set size, sampled every 2 ms during the run, minus the RSS at its start (torch's CPU
 allocator is invisible to ``tracemalloc``, and ``ru_maxrss`` is a process-lifetime high-water mark).
 
-Writes ``benchmarks/results/<date>-<device>.json`` and ``.md`` (``-quick`` appended in quick mode), atomically.
+Writes ``benchmarks/results/<date>-<device>.json``, ``.md`` and ``.png`` (PSNR against wall time per image, one panel
+per task: the quality-for-time trade at a glance; ``-quick`` appended in quick mode), atomically.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import logging
 import os
 import platform
@@ -45,20 +45,24 @@ import h5py
 import numpy as np
 import torch
 
-import invdiff
-from invdiff.compare import (SEED_STRIDE, Task, block_average, ct_task, inpainting_task, resolve_prior, scan_tasks,
-                             smooth_gaussian_prior, task_settings)
-from invdiff.io import atomic_open, atomic_write_json
+if __package__ in (None, ""):                  # `python benchmarks/run.py` as well as `python -m benchmarks.run`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import invdiff  # noqa: E402
+from invdiff.compare import resolve_prior
+from invdiff.errors import UnsupportedOperatorError
+from invdiff.io import atomic_open, atomic_path, atomic_write_json
+from invdiff.priors.analytic import smooth_gaussian_prior
 from invdiff.priors.loading import trained_steps
-from invdiff.problem import InverseProblem
-from invdiff.registry import get_sampler
+from invdiff.registry import needs_prior
 from invdiff.samplers._common import call_prior, expand_sigma, timed
+from invdiff.tasks import Task, block_average, ct_task, inpainting_task, scan_tasks, solve
 
 log = logging.getLogger("benchmarks.run")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SAMPLERS = ("reddiff", "dps", "diffpir", "ddrm", "cg-sense", "l1-wavelet", "tv")
-ROW_KEYS = ("sampler", "task", "wall_seconds", "network_seconds", "init_seconds", "overhead_fraction",
+DEFAULT_SOLVERS = ("reddiff", "dps", "diffpir", "ddrm", "cg-sense", "l1-wavelet", "tv")
+ROW_KEYS = ("solver", "task", "wall_seconds", "network_seconds", "init_seconds", "overhead_fraction",
             "loop_overhead_fraction", "nfe", "peak_memory_mb", "psnr", "ssim", "note")
 
 
@@ -121,7 +125,7 @@ def _t1_image(size: int | None = None) -> np.ndarray:
     return image if size is None else block_average(image, size)
 
 
-def build_tasks(quick: bool, device: torch.device, workdir: Path, samplers) -> list[tuple[Task, str]]:
+def build_tasks(quick: bool, device: torch.device, workdir: Path) -> list[tuple[Task, str]]:
     """(task, prior kind) pairs: prior kind "mri" or "ct". Quick: 48 / 32 px images (a synthetic scan)."""
     from invdiff.datasets.synthetic import write_fake_fastmri
     from invdiff.operators.inpainting import random_pixel_mask
@@ -136,14 +140,11 @@ def build_tasks(quick: bool, device: torch.device, workdir: Path, samplers) -> l
         mri = scan_tasks(REPO / "data" / "brain_t1_multicoil.h5", [4], device=device)[0]
         ct_size, inpaint_image = 128, _t1_image()
     mri.name = "mri-4x"
-    mri.solver_overrides = task_settings("mri", samplers)
     with h5py.File(REPO / "data" / "ct_samples.h5", "r") as h5:
         phantom = block_average(h5["images"][3], ct_size)                  # 'thorax', held out
     ct = ct_task(phantom, 60, noise_fraction=0.01, device=device)
-    ct.solver_overrides = task_settings("ct", samplers)
     inpainting = inpainting_task(inpaint_image, random_pixel_mask(inpaint_image.shape, 0.5, generator=0),
                                  name="inpainting", device=device)
-    inpainting.solver_overrides = task_settings("inpainting", samplers)
     return [(mri, "mri"), (ct, "ct"), (inpainting, "mri")]
 
 
@@ -177,29 +178,26 @@ def warm_up(prior, task: Task) -> None:
 
 
 # ---- measuring -------------------------------------------------------------------------------------------
-def measure(task: Task, sampler: str, prior, steps: int, seed: int, device: torch.device) -> dict:
-    """One reconstruction of the task's (single) image with ``sampler``, timed and scored."""
+def measure(task: Task, solver: str, prior, steps: int, seed: int, device: torch.device) -> dict:
+    """One reconstruction of the task's (single) image with ``solver``, timed and scored: the task layer's
+    problem, the settings table's hyperparameters (``steps`` for every diffusion solver), the seed rule."""
     from invdiff import metrics
 
-    entry = get_sampler(sampler)
-    diffusion = entry.metadata.get("kind") != "classical"
-    kwargs = {**({"steps": steps} if diffusion and "steps" in _signature(entry.factory) else {}),
-              **task.solver_overrides.get(sampler, {})}
+    values = task.hyperparameters(solver, steps=steps if needs_prior(solver) else None)
     image = task.images[0]
-    problem = InverseProblem(image.problem.operator, image.problem.y.clone(), image.problem.sigma_y)
-    generator = torch.Generator(device=problem.y.device).manual_seed(seed * SEED_STRIDE + image.index)
     row = dict.fromkeys(ROW_KEYS)
-    row.update(sampler=sampler, task=task.name, note="", hyperparameters=kwargs)
+    row.update(solver=solver, task=task.name, note="", hyperparameters=values)
     try:
-        with PeakMemory(device) as memory, timed(problem.y) as wall:
-            result = entry.factory(problem, prior if diffusion else None, generator=generator, **kwargs)
-    except (ValueError, NotImplementedError) as err:
+        with PeakMemory(device) as memory, timed(image.problem.y) as wall:
+            solution = solve(image, solver, prior, values, seed=seed)
+    except UnsupportedOperatorError as err:
         row["note"] = f"n/a: {str(err).splitlines()[0]}"
-        log.warning("%s on %s: %s", sampler, task.name, row["note"])
+        log.warning("%s on %s: %s", solver, task.name, row["note"])
         return row
+    result = solution.result
     network = float(result.diagnostics.get("network_seconds", 0.0))
     init = float(result.diagnostics.get("init_seconds", 0.0))     # RED-Diff's A^+ y (a CG solve on SENSE)
-    reconstruction = image.to_image(result.x)[None]
+    reconstruction = solution.image[None]
     scores = metrics.evaluate(image.target[None], reconstruction) if np.isfinite(reconstruction).all() else {}
     row.update(wall_seconds=wall.seconds, network_seconds=network,
                init_seconds=init,
@@ -211,21 +209,15 @@ def measure(task: Task, sampler: str, prior, steps: int, seed: int, device: torc
                backward_passes=int(result.diagnostics.get("backward_passes", 0)))
     if not scores:
         row["note"] = "diverged: non-finite values"
-    log.info("%s on %s: %.2f s (network %.2f s), PSNR %s", sampler, task.name, wall.seconds, network,
+    log.info("%s on %s: %.2f s (network %.2f s), PSNR %s", solver, task.name, wall.seconds, network,
              "n/a" if row["psnr"] is None else f"{row['psnr']:.2f}")
     return row
-
-
-@functools.lru_cache(maxsize=None)
-def _signature(factory) -> tuple[str, ...]:
-    import inspect
-    return tuple(inspect.signature(factory).parameters)
 
 
 def reddiff_vs_dps(rows: list[dict]) -> dict:
     """Per task: RED-Diff's wall seconds over DPS's at equal steps (and the same for network seconds)."""
     ratios = {}
-    by_key = {(row["sampler"], row["task"]): row for row in rows}
+    by_key = {(row["solver"], row["task"]): row for row in rows}
     for task in dict.fromkeys(row["task"] for row in rows):
         red, dps = by_key.get(("reddiff", task)), by_key.get(("dps", task))
         if red and dps and red["wall_seconds"] and dps["wall_seconds"]:
@@ -242,17 +234,17 @@ def _cell(value, spec: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Samplers side by side ({report['date']}, {report['device']})", "",
-             f"Command: `{report['command']}`. {report['steps']} steps per diffusion sampler; torch "
+    lines = [f"# Solvers side by side ({report['date']}, {report['device']})", "",
+             f"Command: `{report['command']}`. {report['steps']} steps per diffusion solver; torch "
              f"{report['torch_version']}, {report['threads']} thread(s), network dtype {report['network_dtype']}; "
              f"1-minute load average {report['load_average_start']} at the start, {report['load_average_end']} at "
              f"the end (a shared machine: timings vary with load). Priors: "
              + "; ".join(f"{task}: {prior}" for task, prior in report["priors"].items()) + ".", "",
-             "| task | sampler | wall (s) | network (s) | init (s) | overhead | overhead w/o init | NFE | "
+             "| task | solver | wall (s) | network (s) | init (s) | overhead | overhead w/o init | NFE | "
              "peak memory (MB) | PSNR (dB) | SSIM | note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in report["rows"]:
-        lines.append(f"| {row['task']} | {row['sampler']} | {_cell(row['wall_seconds'], '.2f')} | "
+        lines.append(f"| {row['task']} | {row['solver']} | {_cell(row['wall_seconds'], '.2f')} | "
                      f"{_cell(row['network_seconds'], '.2f')} | {_cell(row['init_seconds'], '.2f')} | "
                      f"{_cell(row['overhead_fraction'], '.1%')} | {_cell(row['loop_overhead_fraction'], '.1%')} | "
                      f"{_cell(row['nfe'], 'd')} | {_cell(row['peak_memory_mb'], '.1f')} | "
@@ -283,8 +275,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny images, analytic prior, 5 steps (seconds)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--steps", type=int, default=None, help="steps per diffusion sampler (100; quick: 5)")
-    parser.add_argument("--samplers", default=",".join(DEFAULT_SAMPLERS), help="comma-separated sampler names")
+    parser.add_argument("--steps", type=int, default=None, help="steps per diffusion solver (100; quick: 5)")
+    parser.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS), help="comma-separated solver names")
     parser.add_argument("--mri-prior", default="brain-mri-complex", help="MRI prior name or exported path")
     parser.add_argument("--ct-prior", default="ct-phantom", help="CT prior name or exported path")
     parser.add_argument("--network-dtype", choices=["float32", "bfloat16"], default=None,
@@ -294,24 +286,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (created if missing)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from invdiff.compare import check_solvers
-    from invdiff.reconstruct import resolve_device
+    from invdiff.compare import resolve_device
+    from invdiff.registry import check_solver_names
 
-    samplers = check_solvers(args.samplers.split(","))
+    solvers = check_solver_names(args.solvers.split(","))
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps or (5 if args.quick else 100)
     load_start = load_average()
     with tempfile.TemporaryDirectory() as workdir:
-        tasks = build_tasks(args.quick, device, Path(workdir), samplers)
+        tasks = build_tasks(args.quick, device, Path(workdir))
         priors = load_priors(args, tasks, device)
         rows = []
         for task, _ in tasks:
             warm_up(priors[task.name], task)
-            order = [task.baseline] + [name for name in samplers if name != task.baseline]
-            for sampler in order:
-                rows.append(measure(task, sampler, priors[task.name], steps, args.seed, device))
+            order = [task.baseline] + [name for name in solvers if name != task.baseline]
+            for solver in order:
+                rows.append(measure(task, solver, priors[task.name], steps, args.seed, device))
     date = datetime.date.today().isoformat()
     report = {
         "date": date, "device": str(device), "device_name": (torch.cuda.get_device_name(device)
@@ -335,8 +327,42 @@ def main(argv=None) -> dict:
     atomic_write_json(args.out / f"{stem}.json", report)
     with atomic_open(args.out / f"{stem}.md", "w") as handle:
         handle.write(markdown(report))
-    log.info("wrote %s.json and .md", args.out / stem)
+    quality_for_time_figure(report, args.out / f"{stem}.png")
+    log.info("wrote %s.json, .md and .png", args.out / stem)
     return report
+
+
+def quality_for_time_figure(report: dict, path: Path) -> Path:
+    """PSNR against wall seconds per image, one panel per task, one labelled point per solver (log time axis):
+    what a user choosing a solver weighs, at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(row["task"] for row in report["rows"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for row in report["rows"]:
+            if row["task"] != task or row["psnr"] is None or not row["wall_seconds"]:
+                continue
+            diffusion = row["nfe"] not in (None, 0)
+            ax.scatter(row["wall_seconds"], row["psnr"], marker="o" if diffusion else "s",
+                       color="tab:blue" if diffusion else "tab:grey")
+            ax.annotate(row["solver"], (row["wall_seconds"], row["psnr"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("wall seconds per image")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(task, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"quality for time ({report['device']}, {report['threads']} thread(s), {report['steps']} steps; "
+                 f"circles: diffusion, squares: classical)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 def _prior_name(prior) -> str:

@@ -17,7 +17,7 @@ registered defaults) is measured for
   images at the task's shape (median of a few passes after a warm-up); the goal is <= 1.2. The same ratio per
   network call (wall / NFE) is reported beside it, to separate extra calls from per-call overhead;
 
-and RED-Diff (``reddiff``, the same ``--steps``, the task-family settings of :data:`invdiff.compare.TASK_SETTINGS`
+and RED-Diff (``reddiff``, the same ``--steps``, the task family's row of :mod:`invdiff.settings`
 as in ``benchmarks/run.py``) gives wall seconds and PSNR/SSIM, and SMC's wall time over RED-Diff's.
 
 Calibration is measured in the image domain of the metrics. For CT, ``to_image`` is the real image, so the std
@@ -72,16 +72,18 @@ import h5py
 import numpy as np
 import torch
 
-from benchmarks.run import load_average
-import invdiff
-from invdiff.compare import (SEED_STRIDE, Task, apply_overrides, block_average, check_hyperparameters, ct_task,
-                             inpainting_task, parse_set_options, resolve_prior, run_solver, scan_tasks,
-                             smooth_gaussian_prior, task_settings)
-from invdiff.io import atomic_open, atomic_write_json
-from invdiff.priors.loading import trained_steps
-from invdiff.problem import InverseProblem
-from invdiff.registry import get_sampler
-from invdiff.samplers._common import call_prior, expand_sigma, timed
+if __package__ in (None, ""):          # `python benchmarks/smc_images.py` as well as `python -m benchmarks.smc_images`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.run import load_average  # noqa: E402
+import invdiff  # noqa: E402
+from invdiff import settings  # noqa: E402
+from invdiff.compare import resolve_prior, run_solver, set_overrides  # noqa: E402
+from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from invdiff.priors.analytic import smooth_gaussian_prior  # noqa: E402
+from invdiff.priors.loading import trained_steps  # noqa: E402
+from invdiff.samplers._common import call_prior, expand_sigma, timed  # noqa: E402
+from invdiff.tasks import SEED_STRIDE, Task, block_average, ct_task, inpainting_task, scan_tasks, solve  # noqa: E402
 
 log = logging.getLogger("benchmarks.smc_images")
 REPO = Path(__file__).resolve().parents[1]
@@ -130,19 +132,16 @@ def build_tasks(names: list[str], quick: bool, device: torch.device, workdir: Pa
             mri = scan_tasks(REPO / "data" / "brain_t1_multicoil.h5", accelerations, slices="0", device=device)
         for task in mri:
             task.name = f"mri-{task.name}"
-            task.solver_overrides = task_settings("mri", ["reddiff", "smc"])
         tasks += mri
     if "ct-30" in names:
         with h5py.File(REPO / "data" / "ct_samples.h5", "r") as h5:
             phantom = block_average(h5["images"][3], 32 if quick else 128)         # 'thorax', held out
         ct = ct_task(phantom, 30, noise_fraction=0.01, device=device)
-        ct.solver_overrides = task_settings("ct", ["reddiff", "smc"])
         tasks.append(ct)
     if "inpainting" in names:
         image = _t1_image(32) if quick else _t1_image()
         inpainting = inpainting_task(image, random_pixel_mask(image.shape, 0.5, generator=0), name="inpainting",
                                      device=device)
-        inpainting.solver_overrides = task_settings("inpainting", ["reddiff", "smc"])
         tasks.append(inpainting)
     order = {name: i for i, name in enumerate(names)}
     return sorted(tasks, key=lambda task: order[task.name])
@@ -233,18 +232,16 @@ def _scores(target: np.ndarray, image: np.ndarray) -> dict:
 
 
 def measure_smc(task: Task, prior, particles: int, steps: int, seed: int) -> dict:
-    """One SMC run on the task's image (own copy of y, the run_solver seed rule), scored and calibrated."""
-    entry = get_sampler("smc")
-    kwargs = {"num_particles": particles, "steps": steps, "variant": "sde",
-              **check_hyperparameters("smc", task.solver_overrides.get("smc", {}))}
+    """One SMC run on the task's image (the task layer's solve: own copy of y, the seed rule), scored and calibrated."""
+    kwargs = settings.effective("smc", task.family, {"num_particles": particles, "variant": "sde",
+                                                     **task.overrides.get("smc", {})}, steps=steps)
     image = task.images[0]
-    problem = InverseProblem(image.problem.operator, image.problem.y.clone(), image.problem.sigma_y)
-    generator = torch.Generator(device=problem.y.device).manual_seed(seed * SEED_STRIDE + image.index)
-    with timed(problem.y) as wall:
-        result = entry.factory(problem, prior, generator=generator, **kwargs)
+    with timed(image.problem.y) as wall:
+        solution = solve(image, "smc", prior, kwargs, seed=seed)
+    result = solution.result
     diagnostics = result.diagnostics
     truth = image.target.astype(np.float64)
-    center = image.to_image(result.x).astype(np.float64)
+    center = solution.image.astype(np.float64)
     _, std = image_moments(result.samples, result.weights, image.to_image)
     support = truth > SUPPORT_FRACTION * truth.max()
     error = center - truth
@@ -279,7 +276,7 @@ def measure_smc(task: Task, prior, particles: int, steps: int, seed: int) -> dic
 
 def measure_reddiff(task: Task, prior, steps: int, seed: int) -> dict:
     """RED-Diff through :func:`invdiff.compare.run_solver` (the same seed rule, the task-family settings)."""
-    row = run_solver(task, "reddiff", {"steps": steps}, prior=prior, seed=seed)
+    row = run_solver(task, "reddiff", prior=prior, seed=seed, steps=steps)
     return {"psnr": _finite(row.psnr), "ssim": _finite(row.ssim), "wall_seconds": row.seconds,
             "network_seconds": row.network_seconds, "nfe": row.nfe, "note": row.note,
             "hyperparameters": {k: v for k, v in row.hyperparameters.items() if isinstance(v, (str, int, float))}}
@@ -296,7 +293,8 @@ def _cell(value, spec: str) -> str:
 
 def _overrides_text(report: dict) -> str:
     """`` except smc proposal=conditional`` for the report's --set options (empty when none)."""
-    items = [f"{solver} {item}" for solver, values in report.get("overrides", {}).items() for item in values]
+    items = [f"{solver} {name}={value}" for solver, values in report.get("overrides", {}).items()
+             for name, value in values.items()]
     return f" except {', '.join(items)}" if items else ""
 
 
@@ -372,12 +370,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. the settings compared)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from invdiff.reconstruct import resolve_device
+    from invdiff.compare import resolve_device
 
     names = parse_tasks(args.tasks)
     if args.tag and not all(c.isalnum() or c in "._-" for c in args.tag):
         raise ValueError(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-' only (it names a file)")
-    overrides = parse_set_options(args.set)
+    overrides = settings.parse_set(args.set)
     for solver in overrides:
         if solver not in ("smc", "reddiff"):
             raise ValueError(f"--set {solver}:...: this benchmark runs smc and reddiff only")
@@ -429,7 +427,7 @@ def main(argv=None) -> dict:
     rows, priors = [], {}
     with tempfile.TemporaryDirectory() as workdir:
         tasks = build_tasks(names, args.quick, device, Path(workdir))
-        apply_overrides(tasks, overrides)
+        set_overrides(tasks, overrides)
         for task in tasks:
             kind = PRIOR_KIND[task.name]
             prior = quick_prior(task, device) if args.quick else loaded[kind]

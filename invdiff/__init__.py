@@ -5,7 +5,8 @@
     >>> op = invdiff.operator("cartesian_mri", mask=invdiff.mask("random", shape=(64, 64)), img_size=(64, 64))
     >>> result = invdiff.sample("cg-sense", invdiff.simulate(op, x, 0.01), None)
 
-Heavy parts (fastMRI I/O, metrics, priors) are imported on first use, so ``import invdiff`` stays fast.
+Everything but the registry is imported on first use (torch, deepinv, the samplers, fastMRI I/O), so
+``import invdiff`` and ``invdiff --help`` stay fast; ``tests/test_imports.py`` holds it to that.
 """
 from __future__ import annotations
 
@@ -13,24 +14,29 @@ import importlib
 import logging
 
 from invdiff import registry
-from invdiff.problem import InverseProblem, simulate
-from invdiff.registry import (example_operator, list_operators, list_priors, list_samplers, load_plugins,
-                              operator, register_operator, register_prior, register_sampler)
+from invdiff.registry import (example_operator, list_operators, list_priors, list_samplers, list_solvers,
+                              load_plugins, operator, register_operator, register_prior, register_sampler,
+                              register_solver)
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
-def sample(name: str, problem: InverseProblem, prior, **kwargs):
-    """Run the sampler registered as ``name``: ``invdiff.sample("reddiff", problem, prior, generator=g)``."""
-    return registry.get_sampler(name).factory(problem, prior, **kwargs)
+def sample(name: str, problem, prior, **kwargs):
+    """Run the solver registered as ``name``: ``invdiff.sample("reddiff", problem, prior, generator=g)``."""
+    return registry.get_solver(name).factory(problem, prior, **kwargs)
 
 
 _LAZY = {
+    "InverseProblem": ("invdiff.problem", "InverseProblem"),
+    "simulate": ("invdiff.problem", "simulate"),
+    "InputError": ("invdiff.errors", "InputError"),
+    "settings": ("invdiff.settings", None),
+    "tasks": ("invdiff.tasks", None),
     "mask": ("invdiff.operators.masks", "make_mask"),
     "read_scan": ("invdiff.datasets.fastmri", "read_scan"),
-    "write_reconstruction": ("invdiff.datasets.fastmri", "write_reconstruction"),
+    "write_reconstruction": ("invdiff.datasets.submission", "write_reconstruction"),
     "load_prior": ("invdiff.priors.loading", "load_prior"),
     "SampleResult": ("invdiff.samplers._common", "SampleResult"),
     "metrics": ("invdiff.metrics", None),
@@ -54,7 +60,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "InverseProblem", "simulate", "sample", "registry", "operator", "example_operator", "list_operators",
-    "list_priors", "list_samplers", "load_plugins", "register_operator", "register_prior", "register_sampler",
+    "sample", "registry", "operator", "example_operator", "list_operators", "list_priors", "list_solvers",
+    "list_samplers", "load_plugins", "register_operator", "register_prior", "register_solver", "register_sampler",
     "__version__", *_LAZY,
 ]

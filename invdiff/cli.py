@@ -1,6 +1,8 @@
 """The ``invdiff`` command line: a thin layer over the public API.
 
-Every subcommand exits 0 on success and 2 with a one-line reason on bad input.
+Every subcommand exits 0 on success and 2 with a one-line reason on bad input (:class:`invdiff.errors.InputError`);
+any other exception is a bug in invdiff and keeps its traceback (exit 1). Building the parser imports nothing
+heavy, so ``invdiff --help`` answers at once; each command imports what it needs when it runs.
 """
 from __future__ import annotations
 
@@ -10,17 +12,29 @@ import json
 import logging
 import sys
 
+from invdiff.errors import InputError
+
 log = logging.getLogger("invdiff")
 
+DEFAULT_COMPARE_SOLVERS = "reddiff,dps,diffpir,cg-sense,l1-wavelet"
+MASK_HELP = "fastMRI mask function seeded by the file name: random, equispaced or equispaced_fraction"
+SET_HELP = ("hyperparameter of a solver, SOLVER:NAME=VALUE, typed by its signature (repeatable); over the tuned "
+            "settings of invdiff.settings, which `invdiff info SOLVER` lists")
 
-class UsageError(Exception):
-    """Bad input from the user: reported in one line, exit status 2."""
+
+def _set_threads(args) -> None:
+    """``--threads N``: torch's intra-op threads (one is fastest on a busy machine; torch's default otherwise)."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads: expected a positive integer, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 def _cmd_list(args) -> int:
     import invdiff
     invdiff.load_plugins(args.plugins) if args.plugins else invdiff.load_plugins()
-    sections = {"operators": invdiff.list_operators(), "samplers": invdiff.list_samplers(),
+    sections = {"operators": invdiff.list_operators(), "solvers": invdiff.list_solvers(),
                 "priors": invdiff.list_priors()}
     for title, names in sections.items():
         print(f"{title}:")
@@ -31,35 +45,62 @@ def _cmd_list(args) -> int:
 
 def _cmd_info(args) -> int:
     import invdiff
-    from invdiff import registry
-    from invdiff.config import hyperparameters
+    from invdiff import registry, settings
     invdiff.load_plugins(args.plugins) if args.plugins else invdiff.load_plugins()
     name = args.name
     if name in invdiff.list_priors():
         from invdiff.priors.loading import prior_info
         print(json.dumps(prior_info(name), indent=2, sort_keys=True))
-    elif name in invdiff.list_samplers():
-        fn = registry.get_sampler(name).factory
-        print(f"sampler {name}: {inspect.getdoc(fn).splitlines()[0]}")
-        print(json.dumps(hyperparameters(fn), indent=2, default=str))
+    elif name in invdiff.list_solvers():
+        function = registry.get_solver(name).factory
+        print(f"solver {name}: {inspect.getdoc(function).splitlines()[0]}")
+        print("signature defaults:")
+        print(json.dumps(settings.hyperparameters(name), indent=2, default=str))
+        for family in settings.FAMILIES:
+            tuned = settings.tuned(family, name)
+            if tuned:
+                sources = settings.provenance(family, name)
+                print(f"tuned for {family}:")
+                for key, value in tuned.items():
+                    print(f"  {key} = {value!r}  ({sources[key]})")
     elif name in invdiff.list_operators():
         entry = registry.get_operator(name)
         print(f"operator {name} ({entry.source}.{entry.factory.__name__})")
         print(inspect.getdoc(entry.factory) or "")
     else:
-        raise UsageError(f"no operator, sampler or prior named {name!r} (see `invdiff list`)")
+        raise InputError(f"no operator, solver or prior named {name!r} (see `invdiff list`)")
     return 0
 
 
 def _cmd_reconstruct(args) -> int:
     from invdiff.reconstruct import ReconstructionRequest, reconstruct_scan_to_file
+    from invdiff.settings import parse_set
+
+    _set_threads(args)
+    overrides = parse_set(args.set, solver=args.solver).get(args.solver, {})
     request = ReconstructionRequest(
         scan=args.scan, solver=args.solver, out=args.out, acceleration=args.accel,
         center_fraction=args.center_fraction, mask_kind=args.mask, slices=args.slices, device=args.device,
-        seed=args.seed, png=args.png, prior=args.prior, overrides=args.set, progress=not args.no_progress)
+        seed=args.seed, png=args.png, prior=args.prior, overrides=overrides, steps=args.steps,
+        progress=not args.no_progress)
     report = reconstruct_scan_to_file(request)
     for line in report.summary_lines():
         print(line)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from invdiff.compare import compare_scan, parse_accelerations, parse_solver_list
+    from invdiff.settings import parse_set
+
+    _set_threads(args)
+    solvers = parse_solver_list(args.solvers)
+    overrides = parse_set(args.set)
+    report = compare_scan(args.scan, solvers, parse_accelerations(args.accel), args.out, prior=args.prior,
+                          seed=args.seed, slices=args.slices, overrides=overrides, device=args.device,
+                          progress=not args.no_progress, steps=args.steps, center_fraction=args.center_fraction,
+                          mask_kind=args.mask)
+    print("\n".join(report.summary_lines()))
     return 0
 
 
@@ -71,9 +112,10 @@ def _cmd_train_prior(args, rest) -> int:
 def _cmd_sample_prior(args) -> int:
     import torch
 
-    from invdiff.priors.loading import load_prior
+    from invdiff.compare import resolve_prior
     from invdiff.priors.unconditional import sample_unconditional, save_sample_grid
-    prior = load_prior(args.prior)
+    _set_threads(args)
+    prior = resolve_prior(args.prior, torch.device("cpu"))
     generator = torch.Generator().manual_seed(args.seed)
     samples = sample_unconditional(prior, args.n, args.size, steps=args.steps, generator=generator)
     if args.png:
@@ -82,38 +124,55 @@ def _cmd_sample_prior(args) -> int:
     return 0
 
 
+def _add_scan_options(p: argparse.ArgumentParser, *, accel_help: str, accel_default) -> None:
+    """The options ``reconstruct`` and ``compare`` share: how a scan becomes problems, and how solvers run."""
+    p.add_argument("scan", help="fastMRI-format .h5 file")
+    p.add_argument("--accel", default=accel_default, type=type(accel_default), help=accel_help)
+    p.add_argument("--center-fraction", type=float, default=None,
+                   help="fraction of fully sampled centre columns (default: 0.08 at 4x, 0.04 at 8x)")
+    p.add_argument("--mask", default="random", help=MASK_HELP)
+    p.add_argument("--slices", default=None, help="python-style slice range, e.g. 0:4 (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="SOLVER:NAME=VALUE", help=SET_HELP)
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of every solver that takes `steps` (default: the settings table's)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (per slice: seed * 1000003 + slice)")
+    p.add_argument("--prior", default=None, help="prior name or exported path (default: brain-mri-complex)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest when another job shares the cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="invdiff", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="registered operators, samplers and priors")
+    p = sub.add_parser("list", help="registered operators, solvers and priors")
     p.add_argument("--plugins", help="folder of operator plugins (default: $INVDIFF_PLUGINS or ./operators)")
     p.set_defaults(run=_cmd_list)
 
-    p = sub.add_parser("info", help="details of one operator, sampler or prior")
+    p = sub.add_parser("info", help="details of one operator, solver or prior")
     p.add_argument("name")
     p.add_argument("--plugins")
     p.set_defaults(run=_cmd_info)
 
     p = sub.add_parser("reconstruct", help="reconstruct a fastMRI scan with one solver")
-    p.add_argument("scan", help="fastMRI-format .h5 file")
-    p.add_argument("--solver", default="cg-sense", help="a sampler or baseline name (see `invdiff list`)")
-    p.add_argument("--accel", type=int, default=4, help="acceleration for retrospective undersampling")
-    p.add_argument("--center-fraction", type=float, default=None,
-                   help="fraction of fully sampled centre columns (default: 0.08 at 4x, 0.04 at 8x)")
-    p.add_argument("--mask", default="random", choices=["random", "equispaced", "equispaced_fraction"],
-                   help="fastMRI mask function (seeded by the file name, as fastMRI does)")
+    _add_scan_options(p, accel_help="acceleration for retrospective undersampling (default: 4)", accel_default=4)
+    p.add_argument("--solver", default="cg-sense", help="a solver name (see `invdiff list`)")
     p.add_argument("--out", required=True, help="output .h5 (fastMRI submission format)")
-    p.add_argument("--slices", default=None, help="python-style slice range, e.g. 0:4")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prior", default=None, help="prior name or path (diffusion solvers)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="solver hyperparameter override, checked against its signature (repeatable)")
-    p.add_argument("--png", action="store_true", help="also save a figure next to --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--png", action="store_true", help="also save a figure next to --out (same name, .png)")
     p.set_defaults(run=_cmd_reconstruct)
+
+    p = sub.add_parser("compare", help="run several solvers on identical inputs of a fastMRI scan",
+                       description="Run several solvers on identical inputs (mask, coil maps, normalisation, seed) "
+                                   "of a fastMRI scan; write metrics.csv, grid-<acc>x.png and compare.json into --out.")
+    _add_scan_options(p, accel_help="comma-separated accelerations, e.g. 4,8 (default: 4)", accel_default="4")
+    p.add_argument("--solvers", default=DEFAULT_COMPARE_SOLVERS,
+                   help=f"comma-separated solver names (default: {DEFAULT_COMPARE_SOLVERS}); zero-filled is "
+                        f"always added as the baseline")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.set_defaults(run=_cmd_compare)
 
     p = sub.add_parser("train-prior", help="train a diffusion prior (all options: invdiff train-prior --help)",
                        add_help=False)
@@ -125,11 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--png", default=None, help="write a grid of the samples to this PNG")
     p.set_defaults(run=_cmd_sample_prior)
-
-    from invdiff.compare import add_compare_parser   # its options live next to the code they drive
-    add_compare_parser(sub)
     return parser
 
 
@@ -147,10 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = lambda: args.run(args)  # noqa: E731
     try:
         return runner()
-    except (UsageError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"invdiff: error: {message}", file=sys.stderr)
+    except InputError as err:
+        print(f"invdiff: error: {err}", file=sys.stderr)
         return 2
 
 

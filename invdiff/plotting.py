@@ -53,3 +53,42 @@ def save_reconstruction_figure(path, *, target: np.ndarray | None, zero_filled: 
     if reference is not None:
         panels.insert(0, ("target", reference))
     return save_image_grid(path, panels, errors_against=reference, title=title)
+
+
+def save_comparison_grid(path, target: np.ndarray, rows, *, baseline: str, title: str = "") -> Path:
+    """Middle image of a comparison: the target and each solver that ran (baseline first) on one grey scale, and
+    below them |reconstruction - target| on one shared colour scale.
+
+    target: (images, H, W); rows: ``(solver, reconstruction (images, H, W), psnr, ssim)`` tuples. The error scale
+    is the 99.5th percentile of the *baseline's* error (zero-filled, FBP, A^+ y): a shared, robust reference, so a
+    diverged solver saturates its own map instead of darkening every other one.
+    """
+    middle = len(target) // 2
+    reference_target = target[middle]
+    images = [np.nan_to_num(recon[middle], nan=0.0, posinf=0.0, neginf=0.0) for _, recon, _, _ in rows]
+    vmax = float(np.percentile(reference_target, 99.5)) or 1.0
+    baseline_image = next((image for (solver, *_), image in zip(rows, images) if solver == baseline), None)
+    reference = baseline_image if baseline_image is not None else (images[0] if images else reference_target)
+    error_max = float(np.percentile(np.abs(reference - reference_target), 99.5)) or 1.0
+    columns = len(images) + 1
+    fig, axes = plt.subplots(2, columns, figsize=(2.4 * columns, 5.2), squeeze=False)
+    axes[0, 0].imshow(reference_target, cmap="gray", vmin=0, vmax=vmax)
+    axes[0, 0].set_title("target", fontsize=9)
+    axes[1, 0].text(0.5, 0.5, f"|error| scale\n0 to {error_max:.3g}\n(p99.5 of {baseline})", ha="center",
+                    va="center", fontsize=8, transform=axes[1, 0].transAxes)
+    for column, ((solver, _, psnr, ssim), image) in enumerate(zip(rows, images), start=1):
+        axes[0, column].imshow(image, cmap="gray", vmin=0, vmax=vmax)
+        psnr_text = "n/a" if psnr is None else f"{psnr:.2f}"
+        ssim_text = "n/a" if ssim is None else f"{ssim:.3f}"
+        axes[0, column].set_title(f"{solver}\n{psnr_text} dB, SSIM {ssim_text}", fontsize=8)
+        axes[1, column].imshow(np.abs(image - reference_target), cmap="inferno", vmin=0, vmax=error_max)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

@@ -5,10 +5,12 @@ Measurement noise lives here, not in the operator: the same operator serves nois
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from invdiff.operators.base import Operator
+if TYPE_CHECKING:                       # operators import deepinv: keep `import invdiff` light
+    from invdiff.operators.base import Operator
 
 
 def _batch_sum(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Name -> component registries for operators, samplers and priors.
+"""Name -> component registries for operators, solvers and priors.
+
+A *solver* is any reconstruction method, diffusion sampler or classical baseline: one word for users (CLI
+flags, docs, tables). The code behind a diffusion solver lives in ``invdiff.samplers``. The older names
+``register_sampler`` / ``get_sampler`` / ``list_samplers`` remain as aliases for plugins written against them.
 
 Recipes, the CLI and the contract tests loop over these names, so a new component is one file and one
 decorator. User operators live in a plugin folder (the repository's top-level ``operators/``) that
@@ -36,7 +40,7 @@ class Entry:
 
 
 _OPERATORS: dict[str, Entry] = {}
-_SAMPLERS: dict[str, Entry] = {}
+_SOLVERS: dict[str, Entry] = {}
 _PRIORS: dict[str, Entry] = {}
 
 
@@ -68,11 +72,14 @@ def register_operator(name: str, *, example: Callable[[], Any] | None = None, **
     return decorate
 
 
-def register_sampler(name: str, **metadata):
-    """Function decorator: make ``sample_<method>`` available as ``invdiff.sample(name, ...)``."""
+def register_solver(name: str, **metadata):
+    """Function decorator: make ``sample_<method>`` available as ``invdiff.sample(name, ...)``.
+
+    ``kind="classical"`` marks a solver that takes no prior (every other solver needs one).
+    """
 
     def decorate(fn):
-        _register(_SAMPLERS, "sampler", name, fn, None, metadata)
+        _register(_SOLVERS, "solver", name, fn, None, metadata)
         return fn
 
     return decorate
@@ -96,8 +103,30 @@ def get_operator(name: str) -> Entry:
     return _lookup(_OPERATORS, "operator", name)
 
 
-def get_sampler(name: str) -> Entry:
-    return _lookup(_SAMPLERS, "sampler", name)
+def get_solver(name: str) -> Entry:
+    return _lookup(_SOLVERS, "solver", name)
+
+
+def needs_prior(name: str) -> bool:
+    """Whether solver ``name`` runs on a diffusion prior (every solver not registered ``kind="classical"``)."""
+    return get_solver(name).metadata.get("kind") != "classical"
+
+
+def check_solver_names(names, *, flag: str = "--solvers") -> list[str]:
+    """Registered, distinct solver names in the given order; :class:`InputError` naming the first bad one."""
+    from invdiff.errors import InputError
+
+    names = [str(name).strip() for name in names if str(name).strip()]
+    if not names:
+        raise InputError(f"{flag}: expected at least one solver name (see `invdiff list`), got none")
+    registered = list_solvers()
+    for name in names:
+        if name not in registered:
+            raise InputError(f"{flag}: unknown solver {name!r}; registered: {', '.join(registered)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{flag}: {', '.join(repeated)} listed more than once")
+    return names
 
 
 def get_prior(name: str) -> Entry:
@@ -122,9 +151,13 @@ def list_operators() -> list[str]:
     return sorted(_OPERATORS)
 
 
-def list_samplers() -> list[str]:
+def list_solvers() -> list[str]:
     _ensure_builtins()
-    return sorted(_SAMPLERS)
+    return sorted(_SOLVERS)
+
+
+# The names of the first releases (plugins may use them).
+register_sampler, get_sampler, list_samplers = register_solver, get_solver, list_solvers
 
 
 def list_priors() -> list[str]:

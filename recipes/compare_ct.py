@@ -9,31 +9,23 @@ CT uses the prior's fixed scale ``(HU + 1000) / 2000`` in [0, 1]: no percentile 
     python recipes/compare_ct.py --out runs/compare_ct                  # the shipped CT prior, 100 steps each
     python recipes/compare_ct.py --tiny --out /tmp/compare_ct           # seconds: 32 x 32, analytic prior
 
-Writes ``metrics.csv``, ``grid-ct-30.png``, ``grid-ct-60.png`` and ``compare.json`` into ``--out``. Settings:
-classical solvers as registered (FBP with the ramp filter is the baseline); diffusion solvers at ``--steps``;
-RED-Diff initialised with FBP (``--reddiff-init``; its pseudo-inverse default is a 500-iteration CG on the
-normal equations here, slow and noise-amplifying) and with ``--reddiff-lam`` (tuned: the registered lam = 100
-is calibrated for operators with ||A|| <= 1, while ||A||^2 ~ 7.5e3 here); DPS with ``--dps-zeta``; DDRM is
-listed to show it cannot run on CT (no SVD), its row reads n/a.
+Writes ``metrics.csv``, ``grid-ct-30.png``, ``grid-ct-60.png`` and ``compare.json`` into ``--out``. Settings: the
+CT row of ``invdiff.settings`` (FBP starts for RED-Diff, TV and L1-wavelet; tuned RED-Diff lam and DPS zeta;
+``invdiff info reddiff`` lists them with their provenance), diffusion solvers at ``--steps``, ``--set`` over them;
+FBP with the ramp filter is the baseline; DDRM is listed to show it cannot run on CT (no SVD), its row reads n/a.
 """
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
-from invdiff.compare import (TASK_SETTINGS, apply_overrides, block_average, compare_problems, ct_task,
-                             parse_set_options, resolve_prior, run_recipe, smooth_gaussian_prior, task_settings)
-from invdiff.reconstruct import resolve_device
-
-REPO = Path(__file__).resolve().parents[1]
-log = logging.getLogger("recipes.compare_ct")
+from invdiff import recipe
+from invdiff.errors import InputError
+from invdiff.tasks import block_average, ct_task
 
 
 @dataclass
@@ -47,62 +39,47 @@ class Config:
     solvers: tuple[str, ...] = ("reddiff", "dps", "diffpir", "ddrm", "cg-sense", "l1-wavelet", "tv")
     steps: int = 100
     prior: str = "ct-phantom"                    # shipped name, exported path, or "analytic"
-    reddiff_init: str = TASK_SETTINGS["ct"]["reddiff"]["init"]
-    reddiff_lam: float = TASK_SETTINGS["ct"]["reddiff"]["lam"]  # tuned, see invdiff.compare.TASK_SETTINGS
-    dps_zeta: float = TASK_SETTINGS["ct"]["dps"]["zeta"]      # tuned, see invdiff.compare.TASK_SETTINGS
-    overrides: tuple[str, ...] = ()              # SOLVER:NAME=VALUE, comma-separated (e.g. reddiff:lam=300)
+    set: tuple[str, ...] = ()                    # SOLVER:NAME=VALUE (repeatable or comma-separated)
     seed: int = 0
     device: str = "auto"
     threads: int = 0                             # torch intra-op threads (0: torch's default)
     tiny: bool = False
 
     def tiny_variant(self) -> "Config":
-        """Seconds-long smoke run: one 32 x 32 phantom at 8 and 16 views, analytic prior, 10 steps."""
-        return replace(self, prior="analytic", steps=10, threads=1, size=32, phantoms=(0,), views=(8, 16))
-
-
-def repository_path(path: str) -> Path:
-    candidate = Path(path)
-    return candidate if candidate.exists() or candidate.is_absolute() else REPO / candidate
+        """Seconds-long smoke run: one 32 x 32 phantom at 8 and 16 views, analytic prior, 30 steps."""
+        return replace(self, prior="analytic", steps=30, threads=1, size=32, phantoms=(0,), views=(8, 16))
 
 
 def load_phantoms(config: Config) -> tuple[np.ndarray, list[str]]:
     """The chosen phantoms, block-averaged to ``config.size``: (N, size, size) float32 in [0, 1], and their names."""
-    with h5py.File(repository_path(config.data), "r") as h5:
+    with h5py.File(recipe.repository_path(config.data), "r") as h5:
         images = h5["images"][...]
         names = json.loads(h5.attrs["names"])
     for index in config.phantoms:
         if not 0 <= index < len(images):
-            raise ValueError(f"--phantoms: index {index} is outside the {len(images)} phantoms of {config.data}")
+            raise InputError(f"--phantoms: index {index} is outside the {len(images)} phantoms of {config.data}")
     chosen = np.stack([block_average(images[i], config.size) for i in config.phantoms])
     return chosen, [names[i] for i in config.phantoms]
 
 
 def run(config: Config):
-    if config.threads:
-        torch.set_num_threads(config.threads)      # one thread: tiny tensors on a shared machine run faster
-    device = resolve_device(config.device)
+    device = recipe.prepare(config)
     images, names = load_phantoms(config)
     tasks = [ct_task(images, views, noise_fraction=config.noise_fraction, seed=config.seed, device=device)
              for views in config.views]
     for task in tasks:
         task.info["phantoms"] = names
-        task.solver_overrides = task_settings("ct", config.solvers)
-        if "reddiff" in task.solver_overrides:
-            task.solver_overrides["reddiff"].update(init=config.reddiff_init, lam=config.reddiff_lam)
-        if "dps" in task.solver_overrides:
-            task.solver_overrides["dps"]["zeta"] = config.dps_zeta
-    if config.prior == "analytic":
-        prior = smooth_gaussian_prior(tasks[0].in_shape, std=0.3, mean=0.3)
+    if config.prior == "analytic":     # fitted on the other phantoms of the file, never on the test ones
+        size = tasks[0].in_shape[-1]
+        prior = recipe.stand_in_prior(tasks[0].in_shape, config.data, key="images", factor=256 // size,
+                                      exclude=config.phantoms, percentile=None)
     else:
-        prior = resolve_prior(config.prior, device)
-    apply_overrides(tasks, parse_set_options(config.overrides))
-    return compare_problems(tasks, config.solvers, config.out, prior=prior, seed=config.seed, steps=config.steps,
-                            title="CT", info={"recipe": "recipes/compare_ct.py", "config": vars(config)})
+        prior = recipe.resolve_prior(config.prior, device)
+    return recipe.compare(config, tasks, prior, title="CT", recipe="recipes/compare_ct.py")
 
 
 def main(argv=None):
-    return run_recipe(Config, run, argv, __doc__.splitlines()[0])
+    return recipe.run_recipe(Config, run, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -111,15 +111,59 @@ def test_reconstruct_writes_submission_file_and_metrics(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["reconstruct", "x.h5", "--out", "o.h5", "--solver", "nope"], "unknown sampler 'nope'"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--solver", "nope"], "unknown solver 'nope'"),
     (["reconstruct", "x.h5", "--out", "o.h5", "--set", "bogus=1"], "no hyperparameter 'bogus'"),
-    (["info", "nothing-here"], "no operator, sampler or prior"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--set", "dps:zeta=1"], "uses solver 'cg-sense'"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--accel", "0"], "--accel"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--mask", "spiral"], "--mask"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--steps", "0"], "--steps"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--threads", "0"], "--threads"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--device", "cuda:7"], "--device"),
+    (["reconstruct", "x.h5", "--out", "o.png", "--png"], "same path"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--solver", "reddiff", "--prior", "no-such-prior"], "--prior"),
+    (["compare", "x.h5", "--out", "o", "--solvers", "cg-sense", "--set", "max_iter=5"], "SOLVER:NAME=VALUE"),
+    (["compare", "x.h5", "--out", "o", "--accel", "4x"], "--accel"),
+    (["info", "nothing-here"], "no operator, solver or prior"),
 ])
 def test_bad_arguments_exit_2(argv, fragment, tmp_path, capsys, monkeypatch):
+    """Bad input exits 2 with one line naming it, and leaves nothing behind (no o.h5, no o.png, no folder o)."""
     monkeypatch.chdir(tmp_path)
     _good_scan(tmp_path / "x.h5")
     assert main(argv) == 2
-    assert fragment in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.startswith("invdiff: error:") and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+
+
+def test_a_bug_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    """Only InputError means bad input: any other exception (here a ValueError from inside a solver) is a bug and
+    propagates with its traceback (the console script then exits 1), instead of hiding behind exit 2."""
+    import invdiff.reconstruct
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal invariant broken")
+
+    scan = _good_scan(tmp_path / "scan.h5")
+    monkeypatch.setattr(invdiff.reconstruct, "solve", broken)
+    with pytest.raises(ValueError, match="internal invariant broken"):
+        main(["reconstruct", str(scan), "--solver", "zero-filled", "--accel", "2", "--center-fraction", "0.3",
+              "--out", str(tmp_path / "r.h5"), "--no-progress"])
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_reconstruct_records_every_hyperparameter_that_ran(tmp_path):
+    """The output file records the full effective hyperparameters (signature defaults, tuned values, --set),
+    not only the overrides; a bool | float hyperparameter takes a number on the command line."""
+    import json
+
+    from invdiff import settings
+    scan = _good_scan(tmp_path / "scan.h5")
+    out = tmp_path / "r.h5"
+    assert main(["reconstruct", str(scan), "--solver", "tv", "--accel", "2", "--center-fraction", "0.3",
+                 "--out", str(out), "--no-progress", "--set", "tv:max_iter=7", "--threads", "1"]) == 0
+    with h5py.File(out, "r") as h5:
+        recorded = json.loads(h5.attrs["hyperparameters"])
+    assert recorded == {**settings.hyperparameters("tv"), "max_iter": 7}
 
 
 def test_list_and_info(capsys):
@@ -129,3 +173,6 @@ def test_list_and_info(capsys):
         assert name in text
     assert main(["info", "cg-sense"]) == 0
     assert "lam" in capsys.readouterr().out
+    assert main(["info", "dps"]) == 0                     # the tuned values per task family, with their sources
+    text = capsys.readouterr().out
+    assert "tuned for mri:" in text and "zeta = 3.0" in text and "swept" in text

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from invdiff.datasets import fastmri
-from invdiff.datasets.fastmri import (FastMRIDataset, HeaderError, center_crop, estimate_coil_maps, ifft2c_numpy,
-                                      parse_ismrmrd_header, read_scan, reference_image, write_reconstruction)
+from invdiff.datasets.fastmri import FastMRIDataset, center_crop, ifft2c_numpy, read_scan, reference_image
+from invdiff.datasets.ismrmrd import HeaderError, parse_ismrmrd_header
+from invdiff.datasets.submission import write_reconstruction
+from invdiff.operators import coil_maps
+from invdiff.operators.coil_maps import estimate_coil_maps
 from invdiff.datasets.synthetic import ismrmrd_header_xml, write_fake_fastmri
 from invdiff.metrics import PROTOCOL
 from invdiff.samplers._common import SampleResult
@@ -224,7 +227,7 @@ def espirit_scan(tmp_path):
 def test_espirit_maps_are_unit_rss_and_combine_to_the_image(espirit_scan):
     with read_scan(espirit_scan.path) as scan:
         kspace = scan.kspace(0)
-    fastmri.clear_coil_map_cache()
+    coil_maps.clear_coil_map_cache()
     maps = estimate_coil_maps(kspace, calib_width=20)
     assert maps.shape == kspace.shape and maps.dtype == np.complex64
     inside = np.zeros(kspace.shape[-2:], bool)                 # the object on the 2x oversampled grid
@@ -247,9 +250,9 @@ def test_coil_maps_are_cached_in_memory_and_on_disk(espirit_scan, tmp_path, monk
     with read_scan(espirit_scan.path) as scan:
         kspace = scan.kspace(0)
     calls = []
-    original = fastmri._espirit
-    monkeypatch.setattr(fastmri, "_espirit", lambda *a: calls.append(1) or original(*a))
-    fastmri.clear_coil_map_cache()
+    original = coil_maps._espirit
+    monkeypatch.setattr(coil_maps, "_espirit", lambda *a: calls.append(1) or original(*a))
+    coil_maps.clear_coil_map_cache()
     cache_dir = tmp_path / "maps"
     cache_dir.mkdir()
     first = estimate_coil_maps(kspace, calib_width=12, cache_dir=cache_dir)
@@ -257,7 +260,7 @@ def test_coil_maps_are_cached_in_memory_and_on_disk(espirit_scan, tmp_path, monk
     second = estimate_coil_maps(kspace, calib_width=12, cache_dir=cache_dir)
     assert len(calls) == 1 and np.abs(second).max() > 0
     assert len(list(cache_dir.glob("espirit-*.npy"))) == 1
-    fastmri.clear_coil_map_cache()
+    coil_maps.clear_coil_map_cache()
     third = estimate_coil_maps(kspace, calib_width=12, cache_dir=cache_dir)  # from disk, not recomputed
     assert len(calls) == 1 and np.array_equal(second, third)
     estimate_coil_maps(kspace, calib_width=16)                     # other parameters: a new entry

@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from invdiff.datasets.fastmri import ScanError, ScanNotFoundError, read_scan, write_reconstruction
+from invdiff.datasets.fastmri import ScanError, ScanNotFoundError, read_scan
+from invdiff.datasets.submission import write_reconstruction
 from invdiff.datasets.synthetic import write_fake_fastmri
 from invdiff.io import atomic_path
 

@@ -54,24 +54,29 @@ def test_compare_ct_tiny(tmp_path):
     config = recipe.Config().tiny_variant()
     tasks = [f"ct-{views}" for views in config.views]
     _check(tmp_path, config, tasks, ["fbp"] * len(tasks), not_applicable={"ddrm"})
-    assert report.row("reddiff", tasks[0]).hyperparameters["init"] == "fbp"
-    assert report.row("reddiff", tasks[0]).hyperparameters["lam"] == config.reddiff_lam
+    from invdiff import settings
+    assert report.row("reddiff", tasks[0]).hyperparameters == settings.effective("reddiff", "ct", steps=config.steps)
+    assert report.row("reddiff", tasks[0]).hyperparameters["init"] == "fbp"        # the CT row of the table
     assert report.tasks[0].images[0].info["scale"] == 1.0           # CT keeps its fixed scale
 
 
 def test_compare_inpainting_sr_tiny(tmp_path):
     recipe = _load("compare_inpainting_sr")
-    report = recipe.main(["--tiny", "--out", str(tmp_path), "--dps-zeta-sr", "0.5"])
+    report = recipe.main(["--tiny", "--out", str(tmp_path), "--set", "dps:zeta=0.5", "--set", "tv:max_iter=50"])
     config = recipe.Config().tiny_variant()
     _check(tmp_path, config, ["inpaint-random", "inpaint-box", "sr-4x"], ["zero-filled", "zero-filled", "pinv"])
-    assert report.row("dps", "sr-4x").hyperparameters["zeta"] == 0.5
-    assert report.row("dps", "inpaint-box").hyperparameters["zeta"] == config.dps_zeta_inpainting
+    assert report.row("dps", "sr-4x").hyperparameters["zeta"] == 0.5          # --set wins over the table
+    assert report.row("dps", "inpaint-box").hyperparameters["zeta"] == 0.5
+    assert report.row("tv", "sr-4x").hyperparameters["max_iter"] == 50
 
 
 def test_recipe_config_parsing():
     recipe = _load("compare_ct")
-    from invdiff.compare import parse_config
-    config = parse_config(recipe.Config, ["--views", "20,40", "--dps-zeta", "0.02", "--no-tiny", "--size", "64"])
-    assert config.views == (20, 40) and config.dps_zeta == 0.02 and config.size == 64 and not config.tiny
+    from invdiff.recipe import parse_config
+    config = parse_config(recipe.Config, ["--views", "20,40", "--set", "dps:zeta=0.02", "--no-tiny", "--size", "64",
+                                          "--set", "reddiff:lam=3,tv:lam=1e-3"])
+    assert config.views == (20, 40) and config.size == 64 and not config.tiny
+    assert config.set == ("dps:zeta=0.02", "reddiff:lam=3", "tv:lam=1e-3")     # repeated and comma-separated
+    assert parse_config(recipe.Config, []).set == ()
     with pytest.raises(SystemExit):
         parse_config(recipe.Config, ["--views", "many"])

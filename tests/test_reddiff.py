@@ -14,7 +14,7 @@ import torch
 
 import invdiff
 from invdiff.callbacks import TrajectoryRecorder
-from invdiff.config import hyperparameters
+from invdiff.settings import hyperparameters
 from invdiff.operators.matrix import MatrixOperator
 from invdiff.operators.mri import CartesianMRI
 from invdiff.priors.analytic import GaussianPrior

@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from invdiff.datasets.fastmri import parse_ismrmrd_header, read_scan, reference_image
+from invdiff.datasets.fastmri import read_scan, reference_image
+from invdiff.datasets.ismrmrd import parse_ismrmrd_header
 from invdiff.datasets.synthetic import CT_PHANTOM_KINDS, ct_phantom, smooth_random_phase, write_fake_fastmri
 from invdiff.operators.masks import make_mask
 

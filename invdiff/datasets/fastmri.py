@@ -1,4 +1,7 @@
-"""fastMRI h5 files: lazy reading with validation, the ISMRMRD header, reference images, coil maps, output.
+"""fastMRI h5 files: lazy reading with validation, reference images, and a torch-style dataset of slices.
+
+The ISMRMRD header is parsed in :mod:`invdiff.datasets.ismrmrd`, submission files are written by
+:mod:`invdiff.datasets.submission`, coil maps come from :mod:`invdiff.operators.coil_maps`.
 
 File layout (one volume per file, facebookresearch/fastMRI):
 
@@ -19,12 +22,9 @@ centre-crop the complex coil images to the recon size, ``target = sqrt(sum_c |x_
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,21 +34,15 @@ import h5py
 import numpy as np
 import torch
 
-from invdiff.io import atomic_path
+from invdiff.datasets.ismrmrd import HeaderError, ScanHeader, fallback_header, parse_ismrmrd_header
+from invdiff.errors import InputError
 from invdiff.operators.fft import ifft2c
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "ScanError", "ScanNotFoundError", "HeaderError", "ScanHeader", "Scan", "ScanSlice", "read_scan",
-    "parse_ismrmrd_header", "fallback_header", "reference_image", "center_crop", "ifft2c_numpy",
-    "estimate_coil_maps", "clear_coil_map_cache", "write_reconstruction", "FastMRIDataset", "ISMRMRD_NAMESPACE",
-    "DEFAULT_RECON_SIZE",
-]
+__all__ = ["ScanError", "ScanNotFoundError", "Scan", "ScanSlice", "read_scan", "reference_image", "center_crop",
+           "ifft2c_numpy", "FastMRIDataset"]
 
-ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
-# Without a usable header, fastMRI's convention: crop to 320 x 320, or keep a smaller k-space's own size.
-DEFAULT_RECON_SIZE = (320, 320)
 TARGET_KEYS = {True: ("reconstruction_rss", "reconstruction_esc"), False: ("reconstruction_esc", "reconstruction_rss")}
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _KSPACE_LAYOUT = "(slices, H, W) single-coil or (slices, coils, H, W) multi-coil"
@@ -56,7 +50,7 @@ _KSPACE_LAYOUT = "(slices, H, W) single-coil or (slices, coils, H, W) multi-coil
 
 # ---- errors ---------------------------------------------------------------------------------------------
 
-class ScanError(ValueError):
+class ScanError(InputError):
     """A fastMRI file that cannot be used: one line naming the file, the key, what was expected and found.
 
     The CLI reports it and exits with status 2.
@@ -69,107 +63,6 @@ class ScanNotFoundError(ScanError, FileNotFoundError):
 
 def _scan_error(path, subject: str, expected: str, found: str, cls: type[ScanError] = ScanError) -> ScanError:
     return cls(f"{path}: {subject}: expected {expected}, found {found}")
-
-
-# ---- the ISMRMRD header ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ScanHeader:
-    """What the ISMRMRD header says about the grid (or the k-space-shape fallback, ``source="fallback"``).
-
-    Sizes are ``(x, y, z)`` = (readout H, phase W, partitions); ``padding = (left, right)``: only k-space
-    columns in ``[left, right)`` were acquired (fastMRI: ``left = enc_y // 2 - center``,
-    ``right = left + maximum + 1`` from ``encodingLimits/kspace_encoding_step_1``).
-    """
-
-    encoded_size: tuple[int, int, int]
-    recon_size: tuple[int, int, int]
-    padding: tuple[int, int]
-    kspace_center: int | None = None
-    kspace_maximum: int | None = None
-    encoded_fov_mm: tuple[float, float, float] | None = None
-    recon_fov_mm: tuple[float, float, float] | None = None
-    source: str = "ismrmrd_header"
-
-
-class HeaderError(ValueError):
-    """The ISMRMRD XML is missing, unparsable or lacks a required field (the reader falls back and warns)."""
-
-
-def parse_ismrmrd_header(xml: bytes | str, kspace_shape: Sequence[int] | None = None) -> ScanHeader:
-    """Parse ISMRMRD XML (namespace :data:`ISMRMRD_NAMESPACE`) with defusedxml.
-
-    Required: ``encoding/encodedSpace/matrixSize/{x,y}``, ``encoding/reconSpace/matrixSize/{x,y}`` and
-    ``encoding/encodingLimits/kspace_encoding_step_1/{center,maximum}``; ``z`` defaults to 1 and the fields
-    of view are optional. ``kspace_shape`` (``(..., H, W)``), when given, checks the padding against W.
-    Raises :class:`HeaderError` (a ``ValueError``) saying which field is wrong.
-    """
-    from defusedxml import DefusedXmlException
-    from defusedxml.ElementTree import ParseError, fromstring
-
-    try:
-        root = fromstring(xml)
-    except (ParseError, DefusedXmlException) as err:
-        raise HeaderError(f"not well-formed or unsafe XML ({type(err).__name__}: {err})") from None
-    expected_root = f"{{{ISMRMRD_NAMESPACE}}}ismrmrdHeader"
-    if root.tag != expected_root:
-        raise HeaderError(f"root element is {root.tag!r}; expected {expected_root!r}")
-    encoding = _xml_child(root, "encoding")
-    encoded = _xml_size(encoding, "encodedSpace/matrixSize")
-    recon = _xml_size(encoding, "reconSpace/matrixSize")
-    center = _xml_int(encoding, "encodingLimits/kspace_encoding_step_1/center")
-    maximum = _xml_int(encoding, "encodingLimits/kspace_encoding_step_1/maximum")
-    left = encoded[1] // 2 - center
-    right = left + maximum + 1
-    width = encoded[1] if kspace_shape is None else int(kspace_shape[-1])
-    if not 0 <= left < right <= width:
-        raise HeaderError(f"kspace_encoding_step_1 center={center}, maximum={maximum} with encoded y={encoded[1]} "
-                          f"give acquired columns [{left}, {right}); expected 0 <= left < right <= W={width}")
-    return ScanHeader(encoded_size=encoded, recon_size=recon, padding=(left, right), kspace_center=center,
-                      kspace_maximum=maximum, encoded_fov_mm=_xml_fov(encoding, "encodedSpace/fieldOfView_mm"),
-                      recon_fov_mm=_xml_fov(encoding, "reconSpace/fieldOfView_mm"))
-
-
-def fallback_header(kspace_shape: Sequence[int]) -> ScanHeader:
-    """The grid without a header: encoded = k-space ``(H, W)``; recon = ``min(H, 320) x min(W, 320)``; all
-    columns acquired."""
-    height, width = int(kspace_shape[-2]), int(kspace_shape[-1])
-    recon = (min(height, DEFAULT_RECON_SIZE[0]), min(width, DEFAULT_RECON_SIZE[1]), 1)
-    return ScanHeader(encoded_size=(height, width, 1), recon_size=recon, padding=(0, width), source="fallback")
-
-
-def _xml_path(path: str) -> str:
-    return "/".join(f"{{{ISMRMRD_NAMESPACE}}}{part}" for part in path.split("/"))
-
-
-def _xml_child(element, path: str):
-    child = element.find(_xml_path(path))
-    if child is None:
-        raise HeaderError(f"missing element {path}")
-    return child
-
-
-def _xml_int(element, path: str) -> int:
-    text = (_xml_child(element, path).text or "").strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise HeaderError(f"element {path} is {text!r}; expected an integer") from None
-
-
-def _xml_size(encoding, path: str) -> tuple[int, int, int]:
-    x, y = _xml_int(encoding, f"{path}/x"), _xml_int(encoding, f"{path}/y")
-    z = _xml_int(encoding, f"{path}/z") if encoding.find(_xml_path(f"{path}/z")) is not None else 1
-    if min(x, y, z) < 1:
-        raise HeaderError(f"{path} is ({x}, {y}, {z}); expected positive sizes")
-    return x, y, z
-
-
-def _xml_fov(encoding, path: str) -> tuple[float, float, float] | None:
-    try:
-        return tuple(float((_xml_child(encoding, f"{path}/{axis}").text or "").strip()) for axis in "xyz")
-    except (HeaderError, ValueError):
-        return None
 
 
 # ---- reading a scan -------------------------------------------------------------------------------------
@@ -291,6 +184,7 @@ class Scan:
         """ESPIRiT maps of one slice, complex64 ``(coils, H, W)`` (cached; see :func:`estimate_coil_maps`)."""
         if "calib_width" not in espirit and self.num_low_frequency is not None:
             espirit["calib_width"] = self.num_low_frequency
+        from invdiff.operators.coil_maps import estimate_coil_maps
         return estimate_coil_maps(self.kspace(slice_index), cache_key=(str(self.path.resolve()), slice_index),
                                   **espirit)
 
@@ -473,226 +367,6 @@ def ifft2c_numpy(kspace: np.ndarray) -> np.ndarray:
     if not kspace.flags.writeable or not kspace.flags.c_contiguous:
         kspace = np.array(kspace, order="C")
     return ifft2c(torch.from_numpy(kspace)).numpy()
-
-
-# ---- coil sensitivities ---------------------------------------------------------------------------------
-
-class _CoilMapCache:
-    """Thread-safe LRU of ESPIRiT maps in memory, with an optional folder of ``.npy`` files."""
-
-    def __init__(self, maxsize: int = 16):
-        self.maxsize = maxsize
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key) -> np.ndarray | None:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return self._entries[key]
-            self.misses += 1
-            return None
-
-    def put(self, key, maps: np.ndarray) -> None:
-        with self._lock:
-            self._entries[key] = maps
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.hits = self.misses = 0
-
-
-_COIL_MAP_CACHE = _CoilMapCache()
-
-
-def clear_coil_map_cache() -> None:
-    """Empty the in-memory ESPIRiT cache (files in a ``cache_dir`` are kept)."""
-    _COIL_MAP_CACHE.clear()
-
-
-def estimate_coil_maps(kspace: np.ndarray, calib_width: int = 24, *, threshold: float = 0.02,
-                       kernel_width: int | None = None, crop: float = 0.95, max_iter: int = 100, cache_key=None,
-                       cache_dir: str | os.PathLike | None = None) -> np.ndarray:
-    """ESPIRiT coil sensitivities from the auto-calibration region, complex64 ``(coils, H, W)``.
-
-    ``S = EspiritCalib(k)`` (sigpy): the ``calib_width^2`` centre of ``k`` gives the calibration matrix,
-    ``threshold`` (relative singular value) its signal subspace, and ``S`` is the eigenvector of eigenvalue
-    ~1 per pixel; pixels with eigenvalue below ``crop`` get ``S = 0``. Inside the object
-    ``sum_c |S_c|^2 = 1`` and ``sum_c conj(S_c) F^H k_c`` is the image (up to a smooth phase).
-
-    kspace: complex ``(coils, H, W)`` (masked k-space is fine while the calibration region is sampled).
-    ``kernel_width`` defaults to ``min(6, max(3, calib_width // 2 - 1))``: 6 (sigpy's default) from 14
-    calibration lines up; a narrower region with a 6 x 6 kernel has too few calibration rows
-    ``(calib_width - kernel_width + 1)^2`` and leaves holes (S = 0) inside the object (measured: 15 % of the
-    object at 10 lines with kernel 6, none with kernel 4).
-    Results are cached in memory (LRU of 16) under ``cache_key`` (e.g. ``(file, slice)``) or, when None,
-    under the sha256 of the k-space; with ``cache_dir`` also as ``.npy`` files there (keyed by content).
-    """
-    kspace = np.asarray(kspace)
-    if not np.iscomplexobj(kspace) or kspace.ndim != 3:
-        raise ValueError(f"kspace must be complex (coils, H, W), got {kspace.dtype} {kspace.shape}")
-    calib_width = int(calib_width)
-    kernel_width = min(6, max(3, calib_width // 2 - 1)) if kernel_width is None else int(kernel_width)
-    if not kernel_width < calib_width <= min(kspace.shape[-2:]):
-        raise ValueError(f"calib_width must satisfy kernel_width={kernel_width} < calib_width <= min(H, W)="
-                         f"{min(kspace.shape[-2:])}, got {calib_width}")
-    params = (calib_width, float(threshold), kernel_width, float(crop), int(max_iter))
-    content_key = None
-    if cache_key is None or cache_dir is not None:
-        content_key = _content_key(kspace, params)
-    memory_key = (("key", cache_key, kspace.shape, params) if cache_key is not None else ("sha", content_key))
-    maps = _COIL_MAP_CACHE.get(memory_key)
-    if maps is None and cache_dir is not None:
-        maps = _load_cached_maps(Path(cache_dir) / f"espirit-{content_key}.npy", kspace.shape)
-    if maps is None:
-        maps = _espirit(kspace, *params)
-        if cache_dir is not None:
-            _save_cached_maps(Path(cache_dir) / f"espirit-{content_key}.npy", maps)
-    _COIL_MAP_CACHE.put(memory_key, maps)
-    return maps.copy()   # callers may modify their copy; the cached array stays intact
-
-
-def _espirit(kspace: np.ndarray, calib_width: int, threshold: float, kernel_width: int, crop: float,
-             max_iter: int) -> np.ndarray:
-    from sigpy.mri.app import EspiritCalib   # sigpy imports numba: only pay for it when maps are needed
-
-    maps = EspiritCalib(kspace.astype(np.complex64), calib_width=calib_width, thresh=threshold,
-                        kernel_width=kernel_width, crop=crop, max_iter=max_iter, show_pbar=False).run()
-    return np.asarray(maps, dtype=np.complex64)
-
-
-def _content_key(kspace: np.ndarray, params: tuple) -> str:
-    digest = hashlib.sha256()
-    digest.update(repr((kspace.shape, str(kspace.dtype), params)).encode())
-    digest.update(np.ascontiguousarray(kspace).tobytes())
-    return digest.hexdigest()
-
-
-def _load_cached_maps(file: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    if not file.is_file():
-        return None
-    try:
-        maps = np.load(file, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        log.warning("%s: unreadable cached coil maps (%s); recomputing", file, err)
-        return None
-    if maps.shape != tuple(shape) or maps.dtype != np.complex64:
-        log.warning("%s: cached coil maps have %s %s, expected complex64 %s; recomputing",
-                    file, maps.dtype, maps.shape, tuple(shape))
-        return None
-    return maps
-
-
-def _save_cached_maps(file: Path, maps: np.ndarray) -> None:
-    if not file.parent.is_dir():
-        raise FileNotFoundError(f"cache_dir {file.parent} does not exist; expected an existing folder")
-    with atomic_path(file, fsync=False) as tmp:
-        np.save(tmp, maps, allow_pickle=False)
-
-
-# ---- writing reconstructions ----------------------------------------------------------------------------
-
-def write_reconstruction(path: str | os.PathLike, reconstruction, attrs: dict | None = None, mean=None,
-                         std=None, samples=None) -> Path:
-    """Write a fastMRI submission file atomically: ``reconstruction`` float32 ``(slices, H, W)``.
-
-    ``reconstruction``: an array/tensor ``(slices, H, W)`` or ``(H, W)``; complex values and
-    ``(slices, 2, H, W)`` real/imaginary channels become magnitudes, ``(slices, 1, H, W)`` is squeezed;
-    a ``SampleResult`` contributes its ``x`` (and its ``samples`` when ``samples`` is None).
-    ``mean`` / ``std``: optional volumes of the same shape; ``samples``: optional ``(N, slices, H, W)``.
-    ``attrs``: solver, hyperparameters (a dict becomes a JSON string), seed, prior name / sha256, ...;
-    ``invdiff_version`` and ``metrics_protocol`` are added unless given; None values are skipped.
-    The file appears complete or not at all (temporary file + ``os.replace``); the folder must exist.
-    """
-    from invdiff import __version__
-    from invdiff.metrics import PROTOCOL
-
-    result_samples = getattr(reconstruction, "samples", None) if hasattr(reconstruction, "diagnostics") else None
-    if hasattr(reconstruction, "diagnostics") and hasattr(reconstruction, "x"):   # a SampleResult
-        reconstruction = reconstruction.x
-    volume = _as_volume("reconstruction", reconstruction)
-    extras = {}
-    for name, value in (("mean", mean), ("std", std)):
-        if value is not None:
-            extras[name] = _as_volume(name, value)
-            if extras[name].shape != volume.shape:
-                raise ValueError(f"{name} has shape {extras[name].shape}; expected the reconstruction's "
-                                 f"{volume.shape}")
-    samples = samples if samples is not None else result_samples
-    if samples is not None:
-        extras["samples"] = _as_samples(samples, volume.shape)
-    all_attrs = {"invdiff_version": __version__, "metrics_protocol": PROTOCOL, **(attrs or {})}
-    encoded_attrs = {key: _attr_value(key, value) for key, value in all_attrs.items() if value is not None}
-
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            for name, data in (("reconstruction", volume), *extras.items()):
-                chunks = (1,) * (data.ndim - 2) + data.shape[-2:]
-                h5.create_dataset(name, data=data, chunks=chunks, compression="gzip", compression_opts=4,
-                                  shuffle=True, track_times=False)
-            for key, value in encoded_attrs.items():
-                h5.attrs[key] = value
-    log.info("wrote %s: reconstruction %s%s", path, volume.shape,
-             "".join(f", {name} {data.shape}" for name, data in extras.items()))
-    return Path(path)
-
-
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _as_volume(name: str, value) -> np.ndarray:
-    """float32 ``(slices, H, W)`` magnitudes from the layouts :func:`write_reconstruction` accepts."""
-    array = _to_numpy(value)
-    if array.ndim == 4 and not np.iscomplexobj(array):
-        if array.shape[1] == 2:            # (slices, 2, H, W): real and imaginary channels
-            array = np.hypot(array[:, 0], array[:, 1])
-        elif array.shape[1] == 1:
-            array = array[:, 0]
-    if np.iscomplexobj(array):
-        array = np.abs(array)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or min(array.shape) < 1:
-        raise ValueError(f"{name} has shape {array.shape}; expected (slices, H, W), (H, W), complex, or "
-                         f"(slices, 1|2, H, W) channels")
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name} has dtype {array.dtype}; expected real or complex numbers")
-    array = array.astype(np.float32)
-    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise ValueError(f"{name} has {bad} NaN/Inf values of {array.size}; expected finite values")
-    return array
-
-
-def _as_samples(value, volume_shape: tuple[int, ...]) -> np.ndarray:
-    array = _to_numpy(value)
-    stacked = np.stack([_as_volume(f"samples[{i}]", sample) for i, sample in enumerate(array)])
-    if stacked.shape[1:] != volume_shape:
-        raise ValueError(f"samples have shape {stacked.shape}; expected (N, *{volume_shape})")
-    return stacked
-
-
-def _attr_value(key: str, value: Any):
-    if isinstance(value, (dict, list, tuple)):
-        try:
-            return json.dumps(value, sort_keys=True)
-        except TypeError as err:
-            raise ValueError(f"attrs[{key!r}] cannot be stored as JSON: {err}") from None
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, bool, int, float, np.generic)):
-        return value
-    raise ValueError(f"attrs[{key!r}] has type {type(value).__name__}; expected str, int, float, bool, or a "
-                     f"dict/list (stored as JSON)")
 
 
 # ---- datasets -------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import h5py
 import numpy as np
 import torch
 
-from invdiff.datasets.fastmri import ISMRMRD_NAMESPACE, reference_image
+from invdiff.datasets.fastmri import reference_image
+from invdiff.datasets.ismrmrd import ISMRMRD_NAMESPACE
 from invdiff.io import atomic_path
 from invdiff.operators.fft import fft2c
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_che
 
 import torch
 
+from invdiff.errors import UnsupportedOperatorError
+
 if TYPE_CHECKING:
     from invdiff.problem import InverseProblem
 
@@ -190,7 +192,7 @@ def initial_mean(problem: InverseProblem, init: str, dtype: torch.dtype) -> torc
         elif init == "fbp":
             fbp = getattr(operator, "fbp", None)
             if fbp is None:
-                raise ValueError(f"init='fbp' needs an operator with an fbp() method; {type(operator).__name__} "
+                raise UnsupportedOperatorError(f"init='fbp' needs an operator with an fbp() method; {type(operator).__name__} "
                                  f"has none (use 'pinv', 'adjoint' or 'zeros')")
             mu = fbp(y)
         else:

@@ -22,9 +22,10 @@ import numpy as np
 import pywt
 import torch
 
+from invdiff.errors import UnsupportedOperatorError
 from invdiff.operators.base import conjugate_gradient
 from invdiff.problem import InverseProblem
-from invdiff.registry import register_sampler
+from invdiff.registry import register_solver
 from invdiff.samplers._common import SampleResult, initial_mean
 
 
@@ -60,21 +61,21 @@ def _starting_point(problem: InverseProblem, init: str, adjoint: torch.Tensor, l
     return initial_mean(problem, init, problem.y.dtype)
 
 
-@register_sampler("zero-filled", kind="classical")
+@register_solver("zero-filled", kind="classical")
 def sample_zero_filled(problem: InverseProblem, prior=None, *, generator=None, callback=None) -> SampleResult:
     """``x = A^T y``: the zero-filled reconstruction for MRI (unitary FFT, masked), back-projection in general."""
     start = time.perf_counter()
     return _done(problem.operator.A_adjoint(problem.y), start)
 
 
-@register_sampler("pinv", kind="classical")
+@register_solver("pinv", kind="classical")
 def sample_pinv(problem: InverseProblem, prior=None, *, generator=None, callback=None) -> SampleResult:
     """``x = A^+ y`` (closed form where the operator has one, else CG on the normal equations)."""
     start = time.perf_counter()
     return _done(problem.operator.A_dagger(problem.y), start)
 
 
-@register_sampler("cg-sense", kind="classical")
+@register_solver("cg-sense", kind="classical")
 def sample_cg_sense(problem: InverseProblem, prior=None, *, lam: float = 1e-2, max_iter: int = 50,
                     tol: float = 1e-6, generator=None, callback=None) -> SampleResult:
     """Tikhonov-regularised least squares ``argmin ||A x - y||^2 + lam ||A||^2 ||x||^2`` by conjugate gradients
@@ -90,14 +91,14 @@ def sample_cg_sense(problem: InverseProblem, prior=None, *, lam: float = 1e-2, m
     return _done(x, start, lam=lam, ridge=ridge)
 
 
-@register_sampler("fbp", kind="classical")
+@register_solver("fbp", kind="classical")
 def sample_fbp(problem: InverseProblem, prior=None, *, filter: str = "ramp", generator=None,  # noqa: A002
                callback=None) -> SampleResult:
     """Filtered back-projection (CT operators only)."""
     start = time.perf_counter()
     fbp = getattr(problem.operator, "fbp", None)
     if fbp is None:
-        raise ValueError(f"solver 'fbp' needs a CT operator with an fbp() method; got {type(problem.operator).__name__}")
+        raise UnsupportedOperatorError(f"solver 'fbp' needs a CT operator with an fbp() method; got {type(problem.operator).__name__}")
     return _done(fbp(problem.y, filter=filter), start, filter=filter)
 
 
@@ -136,7 +137,7 @@ def _soft_threshold_modulus(coefficients: np.ndarray, threshold: float, complex_
     return coefficients * shrink
 
 
-@register_sampler("l1-wavelet", kind="classical")
+@register_solver("l1-wavelet", kind="classical")
 def sample_l1_wavelet(problem: InverseProblem, prior=None, *, lam: float = 1e-3, max_iter: int = 100,
                       wavelet: str = "db4", levels: int = 4, init: str = "adjoint", generator=None,
                       callback=None) -> SampleResult:
@@ -192,7 +193,7 @@ def _gradient_adjoint(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@register_sampler("tv", kind="classical")
+@register_solver("tv", kind="classical")
 def sample_tv(problem: InverseProblem, prior=None, *, lam: float = 1e-2, max_iter: int = 200,
               init: str = "adjoint", generator=None, callback=None) -> SampleResult:
     """``argmin 1/2 ||A x - y||^2 + lam ||A||^2 TV(x)`` (isotropic TV; the complex pair shares one modulus), from

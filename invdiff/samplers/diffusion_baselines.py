@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from invdiff.errors import UnsupportedOperatorError
 from invdiff.operators.base import conjugate_gradient
 from invdiff.operators.fft import complex_to_real, fft2c, ifft2c, real_to_complex
 from invdiff.operators.inpainting import Inpainting
@@ -42,7 +43,7 @@ from invdiff.operators.mri import CartesianMRI
 from invdiff.operators.superres import SuperResolution
 from invdiff.priors.base import Denoiser
 from invdiff.problem import InverseProblem
-from invdiff.registry import register_sampler
+from invdiff.registry import register_solver
 from invdiff.samplers._common import (NetworkCalls, SampleResult, call_prior, expand_sigma, notify, randn_like,
                                       timed, trajectory_of)
 from invdiff.schedules import karras
@@ -90,7 +91,7 @@ def _diagnostics(wall, calls: NetworkCalls, sigmas: torch.Tensor, **extra) -> di
 
 
 # ---- DPS ---------------------------------------------------------------------------------------------------
-@register_sampler("dps", kind="diffusion")
+@register_solver("dps", kind="diffusion")
 def sample_dps(problem: InverseProblem, prior: Denoiser, *, steps: int = 1000, zeta: float = 1.0,
                sigma_max: float | None = None, sigma_min: float | None = None,
                generator=None, callback=None) -> SampleResult:
@@ -166,7 +167,7 @@ def _quadratic_prox(problem: InverseProblem, x0_hat: torch.Tensor, rho_t: float,
     return conjugate_gradient(lambda v: operator.normal(v) + rho_t * v, rhs, max_iter=max_iter, tol=1e-6, x0=x0_hat)
 
 
-@register_sampler("diffpir", kind="diffusion")
+@register_solver("diffpir", kind="diffusion")
 def sample_diffpir(problem: InverseProblem, prior: Denoiser, *, steps: int = 100, lam: float = 7.0,
                    zeta: float = 0.3, cg_max_iter: int = 30, sigma_max: float | None = None,
                    sigma_min: float | None = None, generator=None, callback=None) -> SampleResult:
@@ -280,7 +281,7 @@ def _matrix_svd(op: MatrixOperator, y: torch.Tensor, shape) -> SpectralDecomposi
 def _deepinv_svd(physics, y: torch.Tensor, shape) -> SpectralDecomposition:
     mask = torch.as_tensor(physics.mask, device=y.device)
     if mask.is_complex():
-        raise ValueError(f"{type(physics).__name__}: DDRM here needs real singular values (physics.mask), "
+        raise UnsupportedOperatorError(f"{type(physics).__name__}: DDRM here needs real singular values (physics.mask), "
                          f"got a complex mask")
     return SpectralDecomposition(physics.V_adjoint, physics.V, mask.to(y.dtype), physics.U_adjoint(y))
 
@@ -293,7 +294,7 @@ def spectral_decomposition(operator, y: torch.Tensor, shape: tuple[int, ...]) ->
     """The SVD of a decomposable operator for measurements ``y``; images have ``shape`` = (B, *in_shape).
 
     Decomposable: ``Inpainting``, ``CartesianMRI`` (single coil), ``SuperResolution``, ``MatrixOperator``,
-    and any ``deepinv.physics.DecomposablePhysics`` with real singular values. Anything else raises ValueError.
+    and any ``deepinv.physics.DecomposablePhysics`` with real singular values. Anything else raises UnsupportedOperatorError.
     """
     from deepinv.physics import DecomposablePhysics
 
@@ -303,13 +304,13 @@ def spectral_decomposition(operator, y: torch.Tensor, shape: tuple[int, ...]) ->
     if isinstance(operator, DecomposablePhysics):
         return _deepinv_svd(operator, y, shape)
     known = ", ".join(cls.__name__ for cls, _ in _SPECTRAL_DECOMPOSITIONS)
-    raise ValueError(f"DDRM needs a decomposable operator (a known SVD A = U diag(s) V^T); got "
+    raise UnsupportedOperatorError(f"DDRM needs a decomposable operator (a known SVD A = U diag(s) V^T); got "
                      f"{type(operator).__name__}. Decomposable operators: {known} and "
                      f"deepinv.physics.DecomposablePhysics subclasses. Use 'dps' or 'diffpir' for "
                      f"{type(operator).__name__}.")
 
 
-@register_sampler("ddrm", kind="diffusion")
+@register_solver("ddrm", kind="diffusion")
 def sample_ddrm(problem: InverseProblem, prior: Denoiser, *, steps: int = 20, eta: float = 0.85,
                 eta_b: float = 1.0, sigma_max: float | None = None, sigma_min: float | None = None,
                 generator=None, callback=None) -> SampleResult:

@@ -1,0 +1,217 @@
+"""Solver hyperparameters: the signature is the schema, one table holds the tuned values, one syntax overrides.
+
+Three layers, later wins, and nothing else sets a hyperparameter:
+
+1. the solver's signature (keyword-only arguments with the paper's defaults: :func:`hyperparameters`);
+2. :data:`TUNED`, per task family (``mri``, ``ct``, ``inpainting``, ``sr``), each value with where it came from
+   (the sweeps themselves are in ``recipes/README.md``, "Solver settings");
+3. the user's overrides, written ``SOLVER:NAME=VALUE`` everywhere (``invdiff reconstruct`` also takes
+   ``NAME=VALUE`` for its one solver), typed from the signature's annotation (``bool | float`` takes ``true`` or
+   ``100``).
+
+:func:`effective` merges them into the full set of values a solver runs with; outputs record that, not only the
+overrides.
+
+    >>> effective("dps", "mri")["zeta"]                             # 3.0, tuned (the signature says 1.0)
+    >>> effective("smc", "ct", {"stable_likelihood": 0.0})["proposal"]
+    'conditional'
+    >>> parse_set(["dps:zeta=0.3", "reddiff:steps=50"])            # {"dps": {"zeta": 0.3}, "reddiff": {"steps": 50}}
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from invdiff.errors import InputError
+
+# Arguments every solver takes that are not hyperparameters a user sets from a config or the command line.
+RESERVED = {"problem", "prior", "generator", "callback"}
+FAMILIES = ("mri", "ct", "inpainting", "sr")
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A tuned value and where it came from (a sweep, a measurement, a paper)."""
+
+    value: Any
+    source: str
+
+
+_SWEEP = "recipes/README.md, 'Solver settings'"
+# The SMC conditional proposal on images: stable at any sigma_y (the explicit Euler step is not), README "Known
+# limits"; its rejuvenation moves stay on (without them a 30-step inpainting run lost 1.8 dB).
+_SMC_CONDITIONAL = Tuned("conditional", "stable at any sigma_y; image-task runs in benchmarks/results/smc_images-*")
+
+TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
+    "mri": {
+        "dps": {"zeta": Tuned(3.0, f"swept 0.3 / 1 / 3 / 10 at 100 steps on the MRI tuning slice; {_SWEEP}")},
+        "smc": {"proposal": _SMC_CONDITIONAL},
+    },
+    "ct": {
+        "dps": {"zeta": Tuned(0.03, f"swept 0.003 / 0.01 / 0.03 / 0.1 on CT tuning phantom 1; {_SWEEP}")},
+        "reddiff": {
+            # lam is an absolute precision; the data curvature ||A||^2 / sigma_y^2 is ~100x larger on CT than on
+            # normalised MRI, so the same balance needs ~100x the registered lam.
+            "lam": Tuned(1e4, f"swept 1e3 .. 1e5 on CT tuning phantom 1 (60 views); {_SWEEP}"),
+            "init": Tuned("fbp", "A^+ y is a slow, noise-amplifying 500-iteration CG on CT; FBP is close already"),
+            "sigma_max": Tuned(1.0, f"swept 80 / 5 / 1 / 0.5 on CT tuning phantom 1 (30 and 60 views); {_SWEEP}"),
+        },
+        "smc": {
+            "proposal": _SMC_CONDITIONAL,
+            # kappa ~ tr(A A^T) / m (62 at 30 views): 27.9 vs 22.4 dB at 30 steps against the largest eigenvalue;
+            # kappa 0 (the paper's likelihood) gives 34.6 dB at 100 steps for 3.8x the cost per step.
+            "stable_likelihood": Tuned(100.0, "mean eigenvalue of A A^T at 30 views; smc_images-2026-12-02-csr*"),
+        },
+        "tv": {"lam": Tuned(3e-4, f"swept 3e-5 .. 3e-3 on CT tuning phantom 1; {_SWEEP}"),
+               "init": Tuned("fbp", "TV gains up to 2.5 dB over the scaled back-projection in 200 iterations")},
+        "l1-wavelet": {"lam": Tuned(3e-4, f"swept 1e-5 .. 1e-3 on CT tuning phantom 1; {_SWEEP}"),
+                       "init": Tuned("fbp", "FBP is already close to the image; as for TV")},
+        "cg-sense": {"lam": Tuned(1e-3, f"swept 1e-5 .. 0.1 on CT tuning phantom 1; {_SWEEP}")},
+    },
+    "inpainting": {
+        "dps": {"zeta": Tuned(3.0, f"swept 0.3 / 1 / 3 / 10 on the multislice sample, random and box; {_SWEEP}")},
+        "smc": {"proposal": _SMC_CONDITIONAL},
+    },
+    "sr": {
+        "dps": {"zeta": Tuned(10.0, f"swept 1 / 3 / 10 / 30 on the multislice sample at 4x; {_SWEEP}")},
+    },
+}
+
+
+# ---- the schema -----------------------------------------------------------------------------------------
+def solver_function(solver: str | Callable) -> Callable:
+    """The registered function of ``solver`` (a name), or ``solver`` itself when it is already a function."""
+    if callable(solver):
+        return solver
+    from invdiff.registry import get_solver
+    return get_solver(solver).factory
+
+
+def hyperparameters(solver: str | Callable) -> dict[str, Any]:
+    """The keyword-only hyperparameters of ``solver`` (a name or a function) with their signature defaults."""
+    return {name: p.default for name, p in inspect.signature(solver_function(solver)).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in RESERVED}
+
+
+def _annotation_types(solver: Callable, name: str) -> list[str]:
+    """The type names of a hyperparameter's annotation, e.g. ``["bool", "float"]`` for ``bool | float``.
+
+    Annotations are read as text (modules use ``from __future__ import annotations``), so nothing is evaluated;
+    without an annotation the default's type stands in (``None`` -> any number or text).
+    """
+    parameter = inspect.signature(solver).parameters[name]
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        default = parameter.default
+        return ["int", "float", "str"] if default is None else [type(default).__name__]
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    text = text.replace("Optional[", "").replace("]", "")
+    return [part.strip() for part in text.replace(",", "|").split("|") if part.strip()]
+
+
+_TRUE, _FALSE = {"true", "yes", "on"}, {"false", "no", "off"}
+
+
+def convert(solver: str | Callable, name: str, text: str) -> Any:
+    """``text`` typed for hyperparameter ``name`` of ``solver`` by its annotation; :class:`InputError` if none fits.
+
+    Tried in the order None (``none``), bool (``true/false/yes/no/on/off``, and ``1/0`` when bool is the only
+    type), int, float, str.
+    """
+    function = solver_function(solver)
+    types = _annotation_types(function, name)
+    value = str(text).strip()
+    lowered = value.lower()
+    if "None" in types and lowered == "none":
+        return None
+    if "bool" in types:
+        if lowered in _TRUE or (types == ["bool"] and lowered == "1"):
+            return True
+        if lowered in _FALSE or (types == ["bool"] and lowered == "0"):
+            return False
+    for kind in (int, float):
+        if kind.__name__ in types:
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    if "str" in types or any(t not in {"None", "bool", "int", "float"} for t in types):
+        return value
+    label = _solver_label(solver)
+    raise InputError(f"hyperparameter {name} of {label}: expected {' or '.join(types)}, got {text!r}")
+
+
+def _solver_label(solver) -> str:
+    return repr(solver) if isinstance(solver, str) else getattr(solver, "__name__", str(solver))
+
+
+def check(solver: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` as a dict after checking that every key is a hyperparameter of ``solver``."""
+    schema = hyperparameters(solver)
+    for name in values:
+        if name not in schema:
+            raise InputError(f"solver {solver!r} has no hyperparameter {name!r}; it takes: "
+                             f"{', '.join(sorted(schema)) or 'none'}")
+    return dict(values)
+
+
+# ---- the one override syntax ----------------------------------------------------------------------------
+def parse_set(items: Sequence[str], *, solver: str | None = None) -> dict[str, dict[str, Any]]:
+    """``["dps:zeta=0.3", "reddiff:steps=50"]`` -> ``{"dps": {"zeta": 0.3}, "reddiff": {"steps": 50}}``, typed.
+
+    ``solver``: the one solver of the run (``invdiff reconstruct``), which lets ``NAME=VALUE`` omit its prefix.
+    """
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items:
+        text = str(item)
+        head, sep, value = text.partition("=")
+        target, colon, name = head.rpartition(":")
+        if not colon:
+            target = solver
+        if not sep or not name or not target:
+            example = "dps:zeta=0.3" if solver is None else f"{solver}:steps=50 or steps=50"
+            raise InputError(f"--set {text!r}: expected SOLVER:NAME=VALUE, e.g. {example}")
+        if solver is not None and target != solver:
+            raise InputError(f"--set {text!r}: this run uses solver {solver!r}, not {target!r}")
+        from invdiff.registry import check_solver_names
+        check_solver_names([target], flag="--set")
+        check(target, {name: None})
+        parsed.setdefault(target, {})[name] = convert(target, name, value)
+    return parsed
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+def tuned(family: str | None, solver: str) -> dict[str, Any]:
+    """The tuned values of ``solver`` for a task family (``{}`` when none or ``family`` is None)."""
+    if family is None:
+        return {}
+    if family not in TUNED:
+        raise InputError(f"task family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return {name: entry.value for name, entry in TUNED[family].get(solver, {}).items()}
+
+
+def provenance(family: str | None, solver: str) -> dict[str, str]:
+    """Where each tuned value of ``solver`` on ``family`` came from."""
+    if family is None or family not in TUNED:
+        return {}
+    return {name: entry.source for name, entry in TUNED[family].get(solver, {}).items()}
+
+
+def effective(solver: str, family: str | None, overrides: Mapping[str, Any] | None = None,
+              *, steps: int | None = None) -> dict[str, Any]:
+    """Every hyperparameter ``solver`` runs with: signature defaults, then :data:`TUNED` for ``family``, then
+    ``steps`` (for solvers that take steps), then ``overrides`` (typed values, checked against the signature)."""
+    values = hyperparameters(solver)
+    values.update(tuned(family, solver))
+    if steps is not None:
+        if int(steps) != steps or steps < 1:
+            raise InputError(f"--steps must be a positive integer, got {steps!r}")
+        if "steps" in values:
+            values["steps"] = int(steps)
+    values.update(check(solver, overrides or {}))
+    return values
+
+
+__all__ = ["TUNED", "Tuned", "FAMILIES", "hyperparameters", "convert", "check", "parse_set", "tuned", "provenance",
+           "effective"]

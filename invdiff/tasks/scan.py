@@ -1,0 +1,212 @@
+"""fastMRI scan slices as normalised problems: the one place where a scan becomes something a solver can run on.
+
+Per slice (DESIGN.md, "Data and normalisation"):
+
+1. k-space ``(coils, H, W)``; a test-set file keeps its own mask, otherwise fastMRI's mask function seeded by the
+   file name undersamples it retrospectively (the same mask for every slice, as fastMRI does), acquired columns
+   only (the header's encoding limits);
+2. the operator: ``SenseMRI`` with ESPIRiT maps from the auto-calibration lines (multi-coil) or ``CartesianMRI``
+   (single-coil), on the full acquired grid (readout oversampling included);
+3. ``sigma_y`` from the k-space periphery (Rayleigh median of the outer readout rows), floored for noiseless
+   synthetic scans;
+4. ``y`` and ``sigma_y`` divided by the 99.5th percentile of the zero-filled magnitude
+   (:func:`invdiff.normalisation.normalise`, the priors' training rule), so solvers and priors see images of
+   magnitude ~1;
+5. the output mapping: zero outside the coil-map support (where ``A`` is blind and a generative prior would paint
+   structure no measurement can refute), multiply back by the scale, centre crop the complex image to the recon
+   size, magnitude: fastMRI's own targets are made this way;
+6. the pixel spacing of the image grid (encoded field of view / encoded matrix, from the ISMRMRD header), for
+   resolution-aware priors.
+
+    >>> with read_scan("file.h5") as scan:
+    ...     mask, info = scan_mask(scan, acceleration=4)
+    ...     image = scan_slice(scan, 3, mask)                       # TaskImage: problem, target, to_image
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from invdiff.errors import InputError
+from invdiff.tasks.base import Task, TaskImage, magnitude_image
+
+log = logging.getLogger(__name__)
+
+# fastMRI's standard (acceleration, centre fraction) pairs; other accelerations keep 0.32 / acceleration.
+STANDARD_CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
+NORMALISATION_PERCENTILE = 99.5
+# ESPIRiT's smallest kernel (3) needs a calibration region wider than itself.
+MIN_CALIBRATION_LINES = 4
+# ESPIRiT calibrates on at most sigpy's default 24 x 24 centre; a wider region adds cost, not accuracy.
+MAX_ESPIRIT_CALIBRATION = 24
+MASK_KINDS = ("random", "equispaced", "equispaced_fraction")
+NORMALISATION_NOTE = f"y / p{NORMALISATION_PERCENTILE} of the zero-filled magnitude"
+NOISE_NOTE = "Rayleigh median of the outer 1/16 readout rows in sampled columns"
+
+
+def default_center_fraction(acceleration: int) -> float:
+    return STANDARD_CENTER_FRACTIONS.get(acceleration, 0.32 / acceleration)
+
+
+def parse_slices(text: str | None, num_slices: int) -> range:
+    """``"a:b"`` (python semantics, negative allowed) or ``"k"`` -> a non-empty range of slice indices."""
+    if text is None or text == "all":
+        return range(num_slices)
+    try:
+        if ":" in text:
+            start, _, stop = text.partition(":")
+            chosen = range(num_slices)[slice(int(start) if start else None, int(stop) if stop else None)]
+        else:
+            index = int(text)
+            chosen = range(num_slices)[index:index + 1 if index != -1 else None]
+    except ValueError:
+        raise InputError(f"--slices: expected 'a:b' or an index, got {text!r}") from None
+    if len(chosen) == 0:
+        raise InputError(f"--slices {text!r} selects no slice of the {num_slices} in the scan")
+    return chosen
+
+
+def estimate_noise_sigma(kspace: np.ndarray, mask: np.ndarray, edge_fraction: float = 1 / 16) -> float:
+    """Per-component noise std of complex k-space from its periphery.
+
+    Uses the outer ``edge_fraction`` of readout rows in the sampled columns, where the object's signal is
+    negligible: for complex Gaussian noise of per-component std ``s``, ``|z|`` is Rayleigh with median
+    ``s sqrt(2 ln 2)``. The median is robust to the little signal left there.
+    """
+    rows = max(1, int(round(kspace.shape[-2] * edge_fraction)))
+    periphery = np.concatenate([kspace[..., :rows, :], kspace[..., -rows:, :]], axis=-2)[..., mask]
+    return float(np.median(np.abs(periphery)) / math.sqrt(2 * math.log(2)))
+
+
+def calibration_width(mask: np.ndarray) -> int:
+    """Width of the contiguous sampled block around the centre column (the auto-calibration region)."""
+    centre = len(mask) // 2
+    left = right = centre
+    while left > 0 and mask[left - 1]:
+        left -= 1
+    while right < len(mask) - 1 and mask[right + 1]:
+        right += 1
+    return right - left + 1 if mask[centre] else 0
+
+
+def pixel_spacing_mm(header, grid: tuple[int, int]) -> float | None:
+    """Mean in-plane pixel spacing (mm) of the ``grid = (H, W)`` image the operator works on: the encoded field
+    of view over the encoded matrix, rescaled to the grid. None when the header gives no field of view."""
+    fov = getattr(header, "encoded_fov_mm", None)
+    if fov is None or min(fov[:2]) <= 0:
+        return None
+    return float((fov[0] / grid[0] + fov[1] / grid[1]) / 2)
+
+
+def scan_mask(scan, *, acceleration: int = 4, center_fraction: float | None = None,
+              mask_kind: str = "random") -> tuple[np.ndarray, dict]:
+    """The file's own test-set mask, or fastMRI's retrospective mask seeded by the file name: bool (W,), info."""
+    if scan.mask is not None:
+        return np.asarray(scan.mask, dtype=bool), {"mask_source": "file", "acceleration": scan.acceleration}
+    from invdiff.operators.masks import make_mask
+
+    if isinstance(acceleration, bool) or int(acceleration) != acceleration or acceleration < 1:
+        raise InputError(f"--accel: expected a positive integer acceleration, got {acceleration!r}")
+    if mask_kind not in MASK_KINDS:
+        raise InputError(f"--mask: expected one of {', '.join(MASK_KINDS)}, got {mask_kind!r}")
+    center_fraction = center_fraction or default_center_fraction(int(acceleration))
+    if not 0 < center_fraction <= 1:
+        raise InputError(f"--center-fraction: expected a fraction in (0, 1], got {center_fraction!r}")
+    _, _, height, width = scan.kspace_shape
+    mask = make_mask(mask_kind, shape=(height, width), acceleration=int(acceleration),
+                     center_fraction=center_fraction, seed=scan.path.name, padding=scan.header.padding)
+    info = {"mask_source": f"fastMRI {mask_kind} mask seeded by file name", "acceleration": int(acceleration),
+            "center_fraction": center_fraction}
+    return mask.numpy().astype(bool), info
+
+
+def check_calibration(scan, mask: np.ndarray) -> int:
+    """The calibration width of ``mask``; :class:`InputError` when a multi-coil scan has too few lines for ESPIRiT."""
+    width = calibration_width(mask)
+    if scan.is_multicoil and width < MIN_CALIBRATION_LINES:
+        raise InputError(f"{scan.path}: the mask has {width} contiguous centre lines; ESPIRiT needs at least "
+                         f"{MIN_CALIBRATION_LINES} (raise --center-fraction)")
+    return width
+
+
+def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str = "cpu",
+               min_relative_sigma: float = 1e-4) -> TaskImage:
+    """Slice ``index`` of an open :class:`invdiff.datasets.fastmri.Scan` under ``mask`` as a :class:`TaskImage`."""
+    from invdiff.normalisation import normalise
+    from invdiff.operators.fft import complex_to_real
+    from invdiff.operators.coil_maps import estimate_coil_maps
+    from invdiff.operators.mri import CartesianMRI, SenseMRI
+    from invdiff.problem import InverseProblem
+
+    device = torch.device(device)
+    kspace = scan.kspace(index)
+    calibration = check_calibration(scan, mask)
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
+    k = torch.from_numpy(np.ascontiguousarray(kspace)).to(device)
+    k = torch.where(mask_t, k, torch.zeros((), dtype=k.dtype, device=device))    # exact zeros, never -0.0
+    if scan.is_multicoil:
+        maps = estimate_coil_maps(np.where(mask, kspace, 0), calib_width=min(MAX_ESPIRIT_CALIBRATION, calibration),
+                                  cache_key=(str(scan.path), index, calibration))
+        operator = SenseMRI(mask=mask_t, coil_maps=torch.from_numpy(maps).to(device)[None])
+        y = complex_to_real(k[None])                                         # (1, 2, C, H, W)
+    else:
+        operator = CartesianMRI(mask=mask_t, img_size=tuple(kspace.shape[-2:]))
+        y = complex_to_real(k[None, 0])                                      # (1, 2, H, W)
+    sigma_kspace = estimate_noise_sigma(np.where(mask, kspace, 0), mask)
+    # A noiseless (synthetic) scan would give sigma 0; keep the likelihood finite and say so.
+    sigma_floor = min_relative_sigma * float(np.abs(kspace).max())
+    if sigma_kspace < sigma_floor:
+        log.info("k-space noise estimate %.3g is below the floor %.3g; using the floor", sigma_kspace, sigma_floor)
+        sigma_kspace = sigma_floor
+    problem, scale = normalise(InverseProblem(operator, y, sigma_kspace), percentile=NORMALISATION_PERCENTILE)
+    recon_size = scan.recon_size
+    return TaskImage(problem, scan.target(index),
+                     functools.partial(magnitude_image, scale=scale, crop=recon_size,
+                                       support=operator.image_support()),
+                     index=int(index), spacing_mm=pixel_spacing_mm(scan.header, tuple(kspace.shape[-2:])),
+                     info={"scale": scale, "sigma_kspace": sigma_kspace, "sigma_y_normalised": float(problem.sigma_y)})
+
+
+def scan_images(scan, slices: Sequence[int], mask: np.ndarray, *, device="cpu") -> Iterator[TaskImage]:
+    """:func:`scan_slice` for each slice, one at a time (a whole volume's coil maps need not fit in memory)."""
+    for index in slices:
+        yield scan_slice(scan, index, mask, device=device)
+
+
+def scan_tasks(scan_path: str | Path, accelerations: Sequence[int], *, slices: str | None = None, device="cpu",
+               center_fraction: float | None = None, mask_kind: str = "random",
+               require_target: bool = True) -> list[Task]:
+    """One task per acceleration (named ``"4x"``, ...) on the chosen slices of a fastMRI scan, images built up
+    front (a comparison runs every solver on each). The target is the file's reference image."""
+    from invdiff.datasets.fastmri import read_scan
+
+    tasks = []
+    with read_scan(scan_path) as scan:
+        chosen = parse_slices(slices, scan.num_slices)
+        if require_target and scan.target(chosen[0]) is None:
+            raise InputError(f"{scan_path}: the file has no reference image (reconstruction_rss / _esc); a "
+                             f"comparison needs targets to score against (a fastMRI test-set file has none)")
+        if scan.mask is not None and len(accelerations) > 1:
+            raise InputError(f"{scan_path}: the file carries its own mask (acceleration {scan.acceleration}); "
+                             f"--accel must name one acceleration, got {list(accelerations)}")
+        for acceleration in accelerations:
+            mask, mask_info = scan_mask(scan, acceleration=acceleration, center_fraction=center_fraction,
+                                        mask_kind=mask_kind)
+            images = list(scan_images(scan, chosen, mask, device=device))
+            info = {**mask_info, "sampled_columns": int(mask.sum()), "columns": int(mask.size),
+                    "calibration_lines": calibration_width(mask), "slices": list(chosen), "scan": str(scan_path),
+                    "normalisation": NORMALISATION_NOTE, "noise_estimate": NOISE_NOTE}
+            name = f"{acceleration}x" if scan.mask is None else f"{scan.acceleration}x"
+            tasks.append(Task(name, "mri", images, baseline="zero-filled", info=info))
+    return tasks
+
+
+__all__ = ["scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
+           "calibration_width", "check_calibration", "pixel_spacing_mm", "default_center_fraction",
+           "STANDARD_CENTER_FRACTIONS", "NORMALISATION_PERCENTILE", "MIN_CALIBRATION_LINES", "MASK_KINDS"]
