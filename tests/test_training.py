@@ -131,7 +131,8 @@ def test_warm_start_from_an_exported_prior(tmp_path):
         assert torch.equal(v, w), k
 
 
-def test_main_cli_trains_and_exports(tmp_path):
+def test_main_cli_trains_and_exports(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "SIGMA_DATA_IMAGES", 32)
     out = tmp_path / "run"
     rc = T.main(["--data", "ct-phantoms", "--channels", "1", "--size", "16", "--steps", "2", "--batch", "2",
                  "--out", str(out), "--base-channels", "8", "--channel-mults", "1,2", "--log-every", "1",
@@ -276,3 +277,150 @@ def test_a_warm_started_run_records_where_it_started(tmp_path):
     assert second["steps"] == 2 and second["total_steps"] == 5 and second["p_mean"] == -0.5
     assert second["total_wall_seconds"] == pytest.approx(first["wall_seconds"] + second["wall_seconds"], abs=0.2)
     assert first["warm_start_from"] is None and first["total_steps"] == 3
+
+
+# ------------------------------------------------------------------------------------- the 2026-12 recipe
+def test_cosine_schedule_ends_at_its_floor_and_stays_there():
+    # lr (f + (1 - f) (1 + cos(pi t / T)) / 2) with T = lr_decay_steps, independent of the run length `steps`.
+    c = tiny_config(lr=1.0, warmup_steps=1, steps=1000, lr_schedule="cosine", lr_decay_steps=100, lr_floor=0.1)
+    assert T.learning_rate(c, 0) == pytest.approx(1.0)
+    assert T.learning_rate(c, 50) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert T.learning_rate(c, 100) == pytest.approx(0.1)
+    assert T.learning_rate(c, 900) == pytest.approx(0.1)
+    longer = tiny_config(lr=1.0, warmup_steps=1, steps=5000, lr_schedule="cosine", lr_decay_steps=100, lr_floor=0.1)
+    assert [T.learning_rate(longer, s) for s in range(0, 200, 7)] == [T.learning_rate(c, s) for s in range(0, 200, 7)]
+
+
+def test_sigma_data_is_measured_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "SIGMA_DATA_IMAGES", 64)
+    config = tiny_config(steps=1, log_every=1, unet=dict(TINY_UNET, sigma_data=None))
+    state = T.train(config, tmp_path / "run", progress=False)
+    source = data.make_source("ct-phantoms", channels=1, size=16, batch=2)
+    expected = T.measure_sigma_data(source, seed=3)
+    assert state.net.sigma_data == pytest.approx(expected) and 0.05 < expected < 0.5
+    # The std of 512 phantoms is not the EDM default: the measurement changed something.
+    assert abs(expected - 0.5) > 0.05
+    resumed = T.train(dataclasses_replace(config, steps=2), tmp_path / "run", progress=False)
+    assert resumed.step == 2 and resumed.net.sigma_data == state.net.sigma_data
+    meta = json.loads(T.export_prior(tmp_path / "run", tmp_path / "out", "p").read_text())
+    assert meta["sigma_data"] == pytest.approx(expected)
+    assert meta["sigma_data_source"].startswith("measured") and meta["lr_floor"] == 0.0
+
+
+def dataclasses_replace(config, **kw):
+    import dataclasses
+
+    return dataclasses.replace(config, **kw)
+
+
+def test_cli_defaults_follow_the_recipe():
+    args = T.build_parser().parse_args(["--out", "x"])
+    assert args.threads == 1 and args.lr_schedule == "cosine" and args.sigma_data is None and args.lr_floor == 0.1
+    config = T.config_from_args(T.build_parser().parse_args(
+        ["--out", "x", "--spacing-conditioning", "--attention", "--data", "ct-anatomy", "--channels", "1"]))
+    assert config.unet["sigma_data"] is None and config.unet["attention"]
+    assert config.unet["spacing_conditioning"] and config.unet["default_spacing_mm"] == 2.0
+
+
+def test_spacing_conditioned_training_resumes_exactly_and_exports_a_prior_with_a_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "SIGMA_DATA_IMAGES", 32)
+    from invdiff.priors.loading import load_prior
+
+    unet = dict(TINY_UNET, spacing_conditioning=True, default_spacing_mm=2.0, attention=True, sigma_data=None)
+    config = tiny_config(data="ct-anatomy", unet=unet, steps=2)
+    straight = T.train(config, tmp_path / "a", progress=False)
+    T.train(dataclasses_replace(config, steps=1), tmp_path / "b", progress=False)
+    resumed = T.train(config, tmp_path / "b", progress=False)
+    for key, value in straight.tensors().items():
+        assert torch.equal(value, resumed.tensors()[key]), key
+    meta = json.loads(T.export_prior(tmp_path / "a", tmp_path / "out", "ct").read_text())
+    assert meta["spacing_conditioning"] and meta["default_spacing_mm"] == 2.0
+    assert meta["normalisation"]["kind"] == "fixed"
+    prior = load_prior(tmp_path / "out" / "ct.json")
+    x, sigma = torch.rand(1, 1, 16, 16), torch.tensor([0.3])
+    torch.testing.assert_close(prior.at_spacing(None)(x, sigma), prior(x, sigma, 2.0))
+    assert prior.at_spacing(1.0)(x, sigma).shape == x.shape
+
+
+def test_patch_grids_never_flip_up_down():
+    # With no rotation or warp, rows of a patch map to increasing canvas rows for every draw (left-right may flip).
+    g = torch.Generator().manual_seed(0)
+    centers = torch.full((64, 2), 50.0)
+    grid = data._patch_grid(g, centers, (100, 100), 8, max_rotation_deg=0.0, elastic_px=0.0)
+    assert (grid[:, 1:, :, 1] > grid[:, :-1, :, 1]).all()
+    flipped = grid[:, :, 1:, 0] < grid[:, :, :-1, 0]
+    assert flipped.all(dim=(1, 2)).any() and (~flipped).all(dim=(1, 2)).any()
+
+
+def test_file_sources_never_flip_up_down(tmp_path):
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(10, 250, 40)[:, None], (1, 40)).astype(np.uint8)     # brighter towards the bottom
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    x = data.make_source(f"folder:{tmp_path}", channels=1, size=16, batch=16).batch(torch.Generator().manual_seed(0))
+    top, bottom = x[:, 0, 0, 4:12].mean(dim=1), x[:, 0, -1, 4:12].mean(dim=1)
+    inside = (top > 0) & (bottom > 0)          # crops that do not reach into the zero padding
+    assert inside.sum() >= 4 and (bottom[inside] > top[inside]).all()
+
+
+def test_mni_scales_views_carry_their_spacing():
+    pytest.importorskip("nilearn", reason="the MNI template ships inside the nilearn wheel")
+    source = data.make_source("mni-brain-scales", channels=2, size=32, batch=16)
+    x, spacing = source.batch_with_spacing(torch.Generator().manual_seed(0))
+    x2, spacing2 = source.batch_with_spacing(torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(spacing, spacing2)
+    assert x.shape == (16, 2, 32, 32) and spacing.shape == (16,)
+    assert (spacing >= 0.8).all() and (spacing <= 8.4 + 1e-6).all()
+    # A whole-head view (a 192-269 mm field of view: 6-8.4 mm at 32 px) has air at its border.
+    heads = data.MNIScalesSource(channels=1, size=32, batch=8, whole_head_fraction=1.0, real_fraction=0.0,
+                                 noisy_fraction=0.0)
+    h, s = heads.batch_with_spacing(torch.Generator().manual_seed(1))
+    assert (s >= 6.0).all()
+    border = torch.cat([h[:, 0, :2].flatten(1), h[:, 0, -2:].flatten(1)], dim=1).mean(dim=1)
+    assert (border < 0.15 * h[:, 0, 8:24, 8:24].mean(dim=(1, 2))).all()
+
+
+def test_real_mr_training_slices_exclude_the_evaluation_images():
+    pytest.importorskip("dipy")
+    slices = data.real_mr_slices()
+    names = {name for *_, name in slices}
+    assert names and not names & set(data.HELD_OUT_FILES) and not names & set(data.RELATED_TO_HELD_OUT)
+    for name in data.HELD_OUT_FILES + data.RELATED_TO_HELD_OUT:
+        with pytest.raises(ValueError, match="held-out"):
+            data._check_trainable_real_mr(f"/somewhere/{name}")
+
+
+def test_fastmri_source_skips_other_files_with_one_warning_each_and_reads_spacing(tmp_path, caplog):
+    from invdiff.datasets.synthetic import write_fake_fastmri
+
+    rng = np.random.RandomState(0)
+    write_fake_fastmri(tmp_path / "scan.h5", rng.rand(2, 24, 20).astype(np.float32), num_coils=2,
+                       voxel_size_mm=(0.5, 0.5, 3.0), seed=0)
+    (tmp_path / "notes.txt").write_text("not a scan")
+    (tmp_path / "broken.h5").write_bytes(b"not hdf5 at all")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["data"] = np.zeros(3)
+    with caplog.at_level("WARNING", logger="invdiff.datasets.training"):
+        source = data.make_source(f"fastmri:{tmp_path}:whole-slice=0.5", channels=2, size=16, batch=8)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 3 and all(any(n in m for m in skipped) for n in ("notes.txt", "broken.h5", "other.h5"))
+    assert len(source.items) == 2 and source.whole_slice_fraction == 0.5
+    x, spacing = source.batch_with_spacing(torch.Generator().manual_seed(0))
+    assert x.shape == (8, 2, 16, 16) and torch.isfinite(x).all()
+    # Crops keep the header's 0.5 mm; whole-slice views show 24 px in ~16 px: 0.5 * 24 / (16 * zoom) mm.
+    assert (spacing == 0.5).any() and (spacing > 0.6).any()
+    assert ((spacing == 0.5) | ((spacing > 0.6) & (spacing < 0.9))).all()
+
+
+def test_whole_slice_views_show_the_whole_slice(tmp_path):
+    from PIL import Image
+
+    image = np.zeros((64, 64), np.uint8)
+    image[16:48, 16:48] = 200                     # a bright square with dark margins
+    Image.fromarray(image).save(tmp_path / "square.png")
+    x = data.make_source(f"folder:{tmp_path}:whole-slice=1", channels=1, size=16, batch=4).batch(
+        torch.Generator().manual_seed(0))
+    assert (x[:, 0, 7:9, 7:9].mean(dim=(1, 2)) > 0.5).all()          # the square's centre
+    assert (x[:, 0, 0, :].mean(dim=1) < 0.1).all()                   # the dark margin all round
+    with pytest.raises(ValueError, match="whole-slice"):
+        data.make_source(f"folder:{tmp_path}:whole-slice=lots", channels=1, size=16, batch=1)

@@ -453,6 +453,8 @@ class MNIScalesSource(MNIBrainSource):
     """
 
     name = "mni-brain-scales"
+    # At 64 px; for other sizes the upper spacings scale by 64 / size, so that a "whole head" is still a 192-269 mm
+    # field of view (the 1 mm patch end stays at 0.8 mm).
     SPACING_RANGE = (0.8, 3.0)
     WHOLE_HEAD_RANGE = (3.0, 4.2)
     CENTRAL_FROM_MM = 2.0
@@ -463,6 +465,10 @@ class MNIScalesSource(MNIBrainSource):
         self.whole_head_fraction, self.real_fraction, self.noisy_fraction = whole_head_fraction, real_fraction, \
             noisy_fraction
         self.central = self._central_indices(self.volumes[0])
+        fov = 64 / self.size
+        self.spacing_range = (self.SPACING_RANGE[0], self.SPACING_RANGE[1] * fov)
+        self.whole_head_range = (self.WHOLE_HEAD_RANGE[0] * fov, self.WHOLE_HEAD_RANGE[1] * fov)
+        self.central_from_mm = self.CENTRAL_FROM_MM * fov
         self.real = real_mr_slices() if real_fraction > 0 else ()
 
     def _central_indices(self, t1: torch.Tensor) -> list[int]:
@@ -502,8 +508,8 @@ class MNIScalesSource(MNIBrainSource):
         return low + (high - low) * u
 
     def _spacings(self, generator, whole: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.SPACING_RANGE
-        wlo, whi = self.WHOLE_HEAD_RANGE
+        lo, hi = self.spacing_range
+        wlo, whi = self.whole_head_range
         part = torch.exp(_uniform(generator, (self.batch_size,), math.log(lo), math.log(hi)))
         head = torch.exp(_uniform(generator, (self.batch_size,), math.log(wlo), math.log(whi)))
         return torch.where(whole, head, part)
@@ -519,7 +525,7 @@ class MNIScalesSource(MNIBrainSource):
         fov_fraction = (self.size * spacing / 180.0).clamp(max=1.0)         # a head is ~180 mm across
         centers = middle + (centers - middle) * (1 - fov_fraction)[:, None] + 3.0 * torch.randn(b, 2,
                                                                                                    generator=generator)
-        elastic = torch.where(spacing >= self.WHOLE_HEAD_RANGE[0], 4.0, 1.5) / canvas_mm
+        elastic = torch.where(spacing >= self.whole_head_range[0], 4.0, 1.5) / canvas_mm
         grid = _patch_grid(generator, centers, (n, n), self.size, max_rotation_deg=8.0, elastic_px=elastic,
                            zoom=zoom)
         views = torch.empty(b, 1, self.size, self.size)
@@ -543,8 +549,8 @@ class MNIScalesSource(MNIBrainSource):
             top, left = (n - ch) // 2, (n - cw) // 2
             canvas[0, 0, top:top + ch, left:left + cw] = image[(h - ch) // 2:(h - ch) // 2 + ch,
                                                                (w - cw) // 2:(w - cw) // 2 + cw]
-            lo = max(own, self.SPACING_RANGE[0])
-            spacing = torch.exp(_uniform(generator, (1,), math.log(lo), math.log(self.WHOLE_HEAD_RANGE[1])))
+            lo = max(own, self.spacing_range[0])
+            spacing = torch.exp(_uniform(generator, (1,), math.log(lo), math.log(self.whole_head_range[1])))
             view, grid = self._views(generator, canvas, spacing, own, (canvas[:, 0] > 0.05).float())
             views.append(view)
             spacings.append(spacing)
@@ -556,7 +562,7 @@ class MNIScalesSource(MNIBrainSource):
         whole = torch.rand(b, generator=generator) < self.whole_head_fraction
         spacing = self._spacings(generator, whole)
         # Views that show most of a head (>= 2 mm: a 128 mm field of view at 64 px) use central slices only.
-        maps = self._canvas_slices(generator, spacing >= self.CENTRAL_FROM_MM)
+        maps = self._canvas_slices(generator, spacing >= self.central_from_mm)
         magnitude = self._degrade(generator, self._synthesise(generator, maps))
         magnitude = magnitude / reference_scale(magnitude[:, 0])[:, None, None, None]   # before cropping
         views, grid = self._views(generator, magnitude, spacing, 1.0, (magnitude[:, 0] > 0.05).float())
@@ -580,7 +586,7 @@ class MNIScalesSource(MNIBrainSource):
 
     def metadata(self) -> dict:
         return dict(super().metadata(), real_fraction=self.real_fraction, noisy_fraction=self.noisy_fraction,
-                    spacing_range_mm=[self.SPACING_RANGE[0], self.WHOLE_HEAD_RANGE[1]],
+                    spacing_range_mm=[self.spacing_range[0], self.whole_head_range[1]],
                     real_volumes=[f"{p}/{r}" for p, r, *_ in REAL_MR_VOLUMES])
 
 
@@ -696,12 +702,20 @@ class _SliceFileSource(TrainingSource):
     magnitude exceeds 0.1 (the object, not the background), with random left-right flips (no up-down flips or
     transposes: they leak into samples).
     Real slices get a smooth random phase when ``channels == 2``; complex slices keep theirs.
+
+    ``whole_slice_fraction`` of the images are instead whole-slice views: the full slice shrunk to ``size``
+    (area-pooled first, so it does not alias) with a random zoom of 0.85-1.1 around the fit and a few pixels of
+    jitter. ``batch_with_spacing`` reports each image's pixel spacing: the slice's own (``slice_spacing_mm``)
+    for crops, times the shrink factor for whole-slice views.
     """
 
-    def __init__(self, root, *, channels: int, size: int, batch: int):
+    def __init__(self, root, *, channels: int, size: int, batch: int, whole_slice_fraction: float = 0.0):
         super().__init__(channels=channels, size=size, batch=batch)
         if channels not in (1, 2):
             raise ValueError(f"{self.name}: channels must be 1 or 2, got {channels}")
+        if not 0.0 <= whole_slice_fraction <= 1.0:
+            raise ValueError(f"{self.name}: whole-slice fraction must be in [0, 1], got {whole_slice_fraction}")
+        self.whole_slice_fraction = whole_slice_fraction
         self.root = Path(root)
         if not self.root.exists():
             raise ValueError(f"{self.name}: {self.root} does not exist")
@@ -724,13 +738,38 @@ class _SliceFileSource(TrainingSource):
         return files
 
     def metadata(self) -> dict:
-        return dict(super().metadata(), root=str(self.root), slices=len(self.items))
+        return dict(super().metadata(), root=str(self.root), slices=len(self.items),
+                    whole_slice_fraction=self.whole_slice_fraction)
+
+    def slice_spacing_mm(self, path: Path) -> float:
+        """In-plane pixel spacing (mm) of the slices of ``path``; ``nominal_spacing_mm`` unless a subclass knows."""
+        return float(self.nominal_spacing_mm)
 
     def batch(self, generator: torch.Generator) -> torch.Tensor:
-        picks = torch.randint(len(self.items), (self.batch_size,), generator=generator).tolist()
-        return torch.stack([self._crop(generator, *self.items[i]) for i in picks])
+        return self.batch_with_spacing(generator)[0]
 
-    def _crop(self, generator, path: Path, index: int) -> torch.Tensor:
+    def batch_with_spacing(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = torch.randint(len(self.items), (self.batch_size,), generator=generator).tolist()
+        crops = [self._crop(generator, *self.items[i]) for i in picks]
+        return torch.stack([c for c, _ in crops]), torch.tensor([s for _, s in crops], dtype=torch.float32)
+
+    def _whole_view(self, generator, image: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The whole slice (C, H, W) shrunk to (C, size, size) with a random zoom; returns it and the shrink factor."""
+        h, w = image.shape[-2:]
+        zoom = float(_uniform(generator, (), 0.85, 1.1))
+        step = max(h, w) / (self.size * zoom)                  # slice pixels per output pixel
+        pool = max(1, round(0.77 * step))
+        pooled = F.avg_pool2d(image[None], pool, ceil_mode=True) if pool > 1 else image[None]
+        jitter = torch.randn(2, generator=generator) * 0.03
+        r = (torch.arange(self.size, dtype=torch.float32) - (self.size - 1) / 2) * step
+        gy = (2 * ((h - 1) / 2 + r) + 1) / h - 1 + jitter[0]
+        gx = (2 * ((w - 1) / 2 + r) + 1) / w - 1 + jitter[1]
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
+        view = F.grid_sample(pooled, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        return view, step
+
+    def _crop(self, generator, path: Path, index: int) -> tuple[torch.Tensor, float]:
+        spacing = self.slice_spacing_mm(path)
         array = self.read_slice(path, index)
         image = torch.from_numpy(np.array(array, copy=True))
         image = torch.view_as_real(image.to(torch.complex64)).permute(2, 0, 1) if image.is_complex() \
@@ -738,6 +777,12 @@ class _SliceFileSource(TrainingSource):
         magnitude = image.norm(dim=0, keepdim=True)
         scale = reference_scale(magnitude[0])
         image, magnitude = image / scale, magnitude / scale
+        if self.whole_slice_fraction > 0 and torch.rand((), generator=generator) < self.whole_slice_fraction:
+            patch, step = self._whole_view(generator, image)
+            spacing *= step
+            if torch.rand((), generator=generator) < 0.5:
+                patch = patch.flip(-1)
+            return self._channels(generator, patch, max(image.shape[-2:])), spacing
         pad = self.size // 2
         image = F.pad(image, (pad, pad, pad, pad))
         magnitude = F.pad(magnitude, (pad, pad, pad, pad))
@@ -748,6 +793,10 @@ class _SliceFileSource(TrainingSource):
         patch = image[:, top:top + self.size, left:left + self.size]
         if torch.rand((), generator=generator) < 0.5:
             patch = patch.flip(-1)
+        return self._channels(generator, patch, w), spacing
+
+    def _channels(self, generator, patch: torch.Tensor, w: int) -> torch.Tensor:
+        """(1 or 2, size, size) -> the source's channels: magnitude, or complex with a smooth random phase."""
         if self.channels == 1:
             return patch.norm(dim=0, keepdim=True) if patch.shape[0] == 2 else patch
         if patch.shape[0] == 2:
@@ -765,8 +814,8 @@ class FolderSource(_SliceFileSource):
     IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
     SUFFIXES = IMAGE_SUFFIXES + (".npy", ".nii", ".nii.gz")
 
-    def __init__(self, root, *, channels: int = 1, size: int = 64, batch: int = 16):
-        super().__init__(root, channels=channels, size=size, batch=batch)
+    def __init__(self, root, *, channels: int = 1, size: int = 64, batch: int = 16, whole_slice_fraction: float = 0.0):
+        super().__init__(root, channels=channels, size=size, batch=batch, whole_slice_fraction=whole_slice_fraction)
 
     def _index(self) -> list[tuple[Path, int]]:
         items = []
@@ -824,23 +873,42 @@ class FastMRISource(_SliceFileSource):
     name = "fastmri"
     TARGETS = ("reconstruction_rss", "reconstruction_esc")
 
-    def __init__(self, root, *, channels: int = 1, size: int = 64, batch: int = 16):
-        super().__init__(root, channels=channels, size=size, batch=batch)
+    def __init__(self, root, *, channels: int = 1, size: int = 64, batch: int = 16, whole_slice_fraction: float = 0.0):
+        self._spacings: dict[Path, float] = {}
+        super().__init__(root, channels=channels, size=size, batch=batch, whole_slice_fraction=whole_slice_fraction)
 
     def _index(self) -> list[tuple[Path, int]]:
+        """Every fastMRI file under the root; any other file is skipped with one warning line."""
         import h5py
 
         items = []
-        for path in self._files((".h5",)):
-            with h5py.File(path, "r") as f:
-                key = next((k for k in self.TARGETS if k in f), "kspace" if "kspace" in f else None)
-                if key is None:
-                    raise ValueError(f"{path}: no dataset {self.TARGETS + ('kspace',)}")
-                if "mask" in f and key == "kspace":
-                    log.warning("%s: undersampled test file without a target; skipped", path)
-                    continue
-                items += [(path, i) for i in range(f[key].shape[0])]
+        for path in self._files(("",)):
+            if not path.name.lower().endswith(".h5"):
+                log.warning("%s: not an .h5 file; skipped (not fastMRI)", path)
+                continue
+            try:
+                with h5py.File(path, "r") as f:
+                    key = next((k for k in self.TARGETS if k in f), "kspace" if "kspace" in f else None)
+                    if key is None:
+                        log.warning("%s: no dataset %s; skipped (not fastMRI)", path, "/".join(self.TARGETS + ("kspace",)))
+                        continue
+                    if "mask" in f and key == "kspace":
+                        log.warning("%s: undersampled test file without a target; skipped", path)
+                        continue
+                    count = f[key].shape[0] if f[key].ndim >= 3 else 0
+                    if count == 0:
+                        log.warning("%s: dataset %r of shape %s is not (slices, [coils,] H, W); skipped (not fastMRI)",
+                                    path, key, f[key].shape)
+                        continue
+                    self._spacings[path] = _header_spacing_mm(_header_of(f), self.nominal_spacing_mm)
+                    items += [(path, i) for i in range(count)]
+            except OSError as err:
+                log.warning("%s: not readable as HDF5 (%s); skipped (not fastMRI)", path, err)
         return items
+
+    def slice_spacing_mm(self, path: Path) -> float:
+        """reconSpace fieldOfView_mm / matrixSize of the file's ISMRMRD header (``nominal_spacing_mm`` if absent)."""
+        return self._spacings.get(path, float(self.nominal_spacing_mm))
 
     def read_slice(self, path: Path, index: int) -> np.ndarray:
         import h5py
@@ -850,11 +918,35 @@ class FastMRISource(_SliceFileSource):
                 if key in f:
                     return np.asarray(f[key][index], dtype=np.float32)
             kspace = np.asarray(f["kspace"][index])
-            recon = _recon_size(f.attrs.get("ismrmrd_header"), kspace.shape[-2:])
+            recon = _recon_size(_header_of(f), kspace.shape[-2:])
         coils = kspace if kspace.ndim == 3 else kspace[None]
         images = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(coils, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
         images = _center_crop(images, recon)
         return np.sqrt((np.abs(images) ** 2).sum(axis=0)).astype(np.float32)
+
+
+def _header_of(f):
+    """The ISMRMRD XML of an open fastMRI file: the ``ismrmrd_header`` dataset (an attribute in some writers)."""
+    if "ismrmrd_header" in f:
+        return f["ismrmrd_header"][()]
+    return f.attrs.get("ismrmrd_header")
+
+
+def _header_spacing_mm(header, fallback: float) -> float:
+    """Mean in-plane pixel spacing (mm) of an ISMRMRD header's reconSpace (field of view / matrix), or fallback."""
+    if header is None:
+        return float(fallback)
+    from defusedxml import ElementTree
+
+    ns = {"m": "http://www.ismrm.org/ISMRMRD"}
+    try:
+        root = ElementTree.fromstring(header.decode() if isinstance(header, bytes) else str(header))
+        space = root.find("m:encoding/m:reconSpace", ns)
+        fov, size = space.find("m:fieldOfView_mm", ns), space.find("m:matrixSize", ns)
+        ratios = [float(fov.find(f"m:{a}", ns).text) / float(size.find(f"m:{a}", ns).text) for a in ("x", "y")]
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError, ElementTree.ParseError):
+        return float(fallback)
+    return float(sum(ratios) / 2) if all(r > 0 for r in ratios) else float(fallback)
 
 
 def _recon_size(header, fallback: tuple[int, int]) -> tuple[int, int]:
@@ -892,12 +984,24 @@ def make_source(spec: str, *, channels: int, size: int, batch: int) -> TrainingS
         from invdiff.datasets.ct_anatomy import CTAnatomySource
 
         return CTAnatomySource(channels=channels, size=size, batch=batch)
-    if kind == "folder" and arg:
-        return FolderSource(arg, channels=channels, size=size, batch=batch)
-    if kind == "fastmri" and arg:
-        return FastMRISource(arg, channels=channels, size=size, batch=batch)
-    raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain[:whole-head=F]', 'mni-brain-scales', 'ct-phantoms', "
-                     f"'ct-anatomy', 'folder:PATH' or 'fastmri:PATH'")
+    if kind in ("folder", "fastmri") and arg:
+        root, options = _file_source_options(spec, arg)
+        cls = FolderSource if kind == "folder" else FastMRISource
+        return cls(root, channels=channels, size=size, batch=batch, **options)
+    raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain[:whole-head=F]', 'mni-brain-scales', "
+                     f"'ct-phantoms', 'ct-anatomy', 'folder:PATH[:whole-slice=F]' or 'fastmri:PATH[:whole-slice=F]'")
+
+
+def _file_source_options(spec: str, arg: str) -> tuple[str, dict]:
+    """``PATH[:whole-slice=F]`` -> (PATH, options); PATH may itself contain ':'."""
+    root, sep, tail = arg.rpartition(":")
+    if not sep or not tail.startswith("whole-slice"):
+        return arg, {}
+    key, _, value = tail.partition("=")
+    try:
+        return root, {"whole_slice_fraction": float(value)}
+    except ValueError:
+        raise ValueError(f"training data {spec!r}: whole-slice expects a number in [0, 1], got {value!r}") from None
 
 
 def normalisation_for(spec: str) -> dict:

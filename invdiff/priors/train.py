@@ -134,9 +134,10 @@ def ema_decay_at(config: TrainConfig, step: int) -> float:
     return min(config.ema_decay, (1 + step) / (10 + step))
 
 
-def measure_sigma_data(source, seed: int, images: int = SIGMA_DATA_IMAGES) -> float:
+def measure_sigma_data(source, seed: int, images: int | None = None) -> float:
     """Std of all pixel values of ``images`` training images, drawn with their own generator (seed + 7919) so
     the training data stream is unchanged. EDM's ``sigma_data`` (Karras et al. 2022, Sec. 5) is this std."""
+    images = images or SIGMA_DATA_IMAGES
     generator = torch.Generator().manual_seed(seed + 7919)
     batches, drawn = [], 0
     while drawn < images:
