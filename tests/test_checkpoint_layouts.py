@@ -268,6 +268,8 @@ def test_score_sde_errors_name_the_file_the_key_and_the_shapes(tmp_path):
     save_file(reference, tmp_path / "ok.safetensors")
     with pytest.raises(ValueError, match=r"ok\.safetensors: the configuration says nf=16 but the weights say 8"):
         load_score_sde_checkpoint(tmp_path / "ok.safetensors", config={"model": {"nf": 16}})
+    sampling = {"model": {"num_scales": 3, "sigma_min": 0.01, "sigma_max": 50.0}}    # a sampling config's step count
+    assert load_score_sde_checkpoint(tmp_path / "ok.safetensors", config=sampling).score_model.net.sigmas.shape == (10,)
     with pytest.raises(ValueError, match=r"only VE \(vesde\)"):
         load_score_sde_checkpoint(tmp_path / "ok.safetensors", config={"training": {"sde": "vpsde"}})
     (tmp_path / "fastmri_knee_320_ncsnpp_continuous.py").write_text("import os\n")

@@ -541,6 +541,11 @@ def load_score_sde_checkpoint(path: str | os.PathLike, *, config=None, ema: bool
         raise ValueError(f"{path}: no 'all_modules.N.*' keys; not a score_sde_pytorch NCSN++ checkpoint")
     fields = {f.name for f in dataclasses.fields(NCSNppConfig)}
     stated = {k: (v.lower() if isinstance(v, str) else v) for k, v in flat.items() if k in fields}
+    if "sigmas" in state and "num_scales" in stated and "num_scales" not in settings:
+        # Sampling configs often change num_scales (the number of steps); the file's buffer is what was saved.
+        log.info("%s: config num_scales=%s, checkpoint 'sigmas' has %d entries; using the checkpoint's", path,
+                 stated["num_scales"], len(state["sigmas"]))
+        del stated["num_scales"]
     stated.update(settings)
     attn_resolutions = stated.pop("attn_resolutions", flat.get("attn_resolutions"))
     structure = ncsnpp_config_from_state_dict(state, source=path, **{k: v for k, v in stated.items()
