@@ -10,7 +10,8 @@ converted to ``D(x, sigma)``:
 
 - ADM (VP, eps): at ``sigma = sigma_t`` and ``x = x_in sqrt(1 + sigma^2)``, ``D = x - sigma eps_ref[:, :C]``,
   where ``eps_ref`` is the original's output at ``(x_in, t)``. Fails if any key is mapped to the wrong layer,
-  if the inferred configuration (levels, blocks, attention, heads, resampling, scale-shift, classes) differs,
+  if the inferred configuration (levels, blocks, attention, heads, resampling by ResBlock / conv /
+  parameter-free pooling, scale-shift, classes) differs,
   if the timestep embedding or the attention head order differs, or if t(sigma) is not the grid index.
 - score-SDE (VE, score): ``D = x + sigma^2 s_ref`` where ``s_ref`` is the original's output at ``(x, sigma)``
   (Fourier) or at the grid index of sigma (positional). Fails as above, and if the EMA list of score-SDE's
@@ -109,6 +110,7 @@ def test_adm_checkpoint_reproduces_the_original_unet(tmp_path, case):
             tuple(meta["kwargs"]["channel_mult"]), meta["kwargs"]["num_res_blocks"], meta["kwargs"]["resblock_updown"],
             meta["kwargs"].get("num_classes"))
         assert cfg.attention_ds == tuple(sorted(meta["kwargs"]["attention_resolutions"]))
+        assert cfg.conv_resample == meta["kwargs"].get("conv_resample", True)
         assert prior.learned_sigma == (meta["kwargs"]["out_channels"] == 2 * channels)
         assert not any(p.requires_grad for p in prior.parameters())
         with torch.no_grad():

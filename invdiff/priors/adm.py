@@ -267,11 +267,10 @@ class ADMUNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- configuration
 _RES = re.compile(r"^input_blocks\.(\d+)\.(\d+)\.")
-_OUT = re.compile(r"^output_blocks\.(\d+)\.(\d+)\.")
 
 
 def _sub_blocks(state: Mapping[str, torch.Tensor], pattern: re.Pattern) -> dict[int, dict[int, set[str]]]:
-    """{block: {layer: {parameter suffixes}}} for ``input_blocks`` or ``output_blocks``."""
+    """{block: {layer: {parameter suffixes}}} for ``input_blocks``."""
     blocks: dict[int, dict[int, set[str]]] = {}
     for key in state:
         match = pattern.match(key)
@@ -307,40 +306,40 @@ def adm_config_from_state_dict(state: Mapping[str, torch.Tensor], *, source="che
     model_channels_0, in_channels = int(first.shape[0]), int(first.shape[1])
     model_channels = int(need("time_embed.0.weight").shape[1])
     out_channels = int(need("out.2.weight").shape[0])
-    inputs, outputs = _sub_blocks(state, _RES), _sub_blocks(state, _OUT)
+    inputs = _sub_blocks(state, _RES)
     n_in = max(inputs) + 1 if inputs else 0
-    # Output blocks that end a level (all but the finest) carry an upsampler: a ResBlock after the first
-    # layer (resblock_updown) or a conv-Upsample. Counting them gives the number of levels.
-    up_blocks = [b for b, layers in sorted(outputs.items())
-                 if any(_kind(s) in ("res", "resample") for j, s in layers.items() if j > 0)]
-    levels = len(up_blocks) + 1
-    n_out = max(outputs) + 1 if outputs else 0
-    if n_out % levels:
-        raise ValueError(f"{source}: {n_out} output blocks do not split into {levels} levels; pass the "
-                         f"configuration (channel_mult, num_res_blocks) explicitly")
-    num_res_blocks = n_out // levels - 1
-    if n_in != levels * (num_res_blocks + 1):
-        raise ValueError(f"{source}: {n_in} input blocks, expected {levels * (num_res_blocks + 1)} for {levels} levels "
-                         f"of {num_res_blocks} res blocks; pass the configuration explicitly")
-    channel_mult, attention_ds = [], []
-    for level in range(levels):
-        block = 1 + level * (num_res_blocks + 1)
-        ch = int(need(f"input_blocks.{block}.0.out_layers.3.weight").shape[0])
-        mult = ch / model_channels
-        channel_mult.append(int(mult) if mult == int(mult) else mult)
-        if 1 in inputs.get(block, {}) and _kind(inputs[block][1]) == "attn":
-            attention_ds.append(2 ** level)
-    down_layers = inputs.get(num_res_blocks + 1, {}).get(0, set()) if levels > 1 else set()
-    resblock_updown = _kind(down_layers) == "res"
-    conv_resample = resblock_updown or _kind(down_layers) == "resample" or levels == 1
     emb_rows = int(need("input_blocks.1.0.emb_layers.1.weight").shape[0])
     ch0 = int(need("input_blocks.1.0.out_layers.3.weight").shape[0])
     label = state.get("label_emb.weight")
-    inferred = dict(in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
-                    num_res_blocks=num_res_blocks, channel_mult=tuple(channel_mult), attention_ds=tuple(attention_ds),
-                    num_classes=None if label is None else int(label.shape[0]),
-                    use_scale_shift_norm=emb_rows == 2 * ch0, resblock_updown=resblock_updown,
-                    conv_resample=conv_resample)
+    common = dict(in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
+                  num_classes=None if label is None else int(label.shape[0]), use_scale_shift_norm=emb_rows == 2 * ch0)
+    # The input blocks are the first conv plus, per level, num_res_blocks ResBlocks and a downsampler (none after
+    # the last level): n_in = levels (num_res_blocks + 1). Each split of n_in is a candidate; the one whose
+    # network has exactly the state's keys and shapes is it (a parameter-free downsampler leaves a gap).
+    candidates = []
+    for levels in range(1, n_in + 1):
+        if n_in % levels or n_in // levels < 2:
+            continue
+        num_res_blocks = n_in // levels - 1
+        channel_mult, attention_ds = [], []
+        for level in range(levels):
+            block = 1 + level * (num_res_blocks + 1)
+            weight = state.get(f"input_blocks.{block}.0.out_layers.3.weight")
+            if weight is None:
+                break
+            mult = int(weight.shape[0]) / model_channels
+            channel_mult.append(int(mult) if mult == int(mult) else mult)
+            if _kind(inputs.get(block, {}).get(1, set())) == "attn":
+                attention_ds.append(2 ** level)
+        else:
+            down = _kind(inputs.get(num_res_blocks + 1, {}).get(0, set())) if levels > 1 else "resample"
+            candidates.append(dict(common, num_res_blocks=num_res_blocks, channel_mult=tuple(channel_mult),
+                                   attention_ds=tuple(attention_ds), resblock_updown=down == "res",
+                                   conv_resample=down in ("res", "resample")))
+    if not candidates:
+        raise ValueError(f"{source}: {n_in} input blocks fit no ADM UNet structure; not a guided-diffusion UNet")
+    inferred = next((c for c in candidates if _has_layout(ADMConfig(**c), state)), candidates[-1])
+    channel_mult = inferred["channel_mult"]
     if int(channel_mult[0] * model_channels) != model_channels_0:
         raise ValueError(f"{source}: input_blocks.0.0.weight has {model_channels_0} rows; expected "
                          f"channel_mult[0] * model_channels = {channel_mult[0] * model_channels}")
@@ -356,6 +355,17 @@ def adm_config_from_state_dict(state: Mapping[str, torch.Tensor], *, source="che
     if "num_heads" in extra and "num_head_channels" not in extra:
         extra["num_head_channels"] = -1                   # a head count given alone is the head count
     return ADMConfig(**inferred, **extra)
+
+
+def _has_layout(config: ADMConfig, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``ADMUNet(config)`` has exactly the keys and shapes of ``state`` (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            net = ADMUNet(dataclasses.replace(config, num_heads=1, num_head_channels=-1, num_heads_upsample=-1))
+    except (ValueError, RuntimeError):
+        return False
+    own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    return own == {k: tuple(v.shape) for k, v in state.items()}
 
 
 def _normal(value):

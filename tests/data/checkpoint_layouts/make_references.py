@@ -43,6 +43,9 @@ ADM_CASES = {
     "neworder_mult3": dict(image_size=32, in_channels=1, model_channels=32, out_channels=2, num_res_blocks=1,
                            attention_resolutions=[2], channel_mult=[1, 2, 3], num_heads=2,
                            use_scale_shift_norm=True, resblock_updown=False, use_new_attention_order=True),
+    "avgpool_nearest": dict(image_size=16, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=2,
+                            attention_resolutions=[1], channel_mult=[1, 2], num_head_channels=16,
+                            use_scale_shift_norm=True, resblock_updown=False, conv_resample=False),
 }
 
 NCSN_BASE = dict(scale_by_sigma=True, nonlinearity="swish", nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8],
