@@ -8,7 +8,7 @@ before you change anything; then replace the maths step by step and re-run them.
        cp operators/_template.py operators/my_blur.py
 2. Rename the registered name ``"my_operator"`` below (required: names must be unique) and the class.
 3. Fill in ``__init__`` (arguments and buffers), ``in_shape``, ``A`` and ``A_adjoint``; optionally
-   ``A_dagger`` and ``normal``, the two class flags, and a small ``example``. Then run
+   ``A_dagger`` and ``A_adjoint_A``, the two class flags, and a small ``example``. Then run
        pytest tests/test_operator_contract.py -k my_operator
 """
 from __future__ import annotations
@@ -75,6 +75,6 @@ class MyOperator(Operator):
         nonzero = weights != 0
         return torch.where(nonzero, y / torch.where(nonzero, weights, 1.0), 0.0)
 
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
-        """``A^T A x = w^2 x`` (optional: the base class computes A_adjoint(A(x)))."""
+    def A_adjoint_A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802 (deepinv's name)
+        """``A^T A x = w^2 x`` (optional: the base class computes A_adjoint(A(x)); deepinv's solvers use it too)."""
         return self.weights.to(x.dtype) ** 2 * x

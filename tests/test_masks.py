@@ -195,3 +195,35 @@ def test_poisson_mask_is_2d_variable_density_with_calibration():
 def test_bad_arguments_raise_value_error_naming_them(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         make_mask(**kwargs)
+
+
+# ---- against fastMRI's own code -------------------------------------------------------------------------
+# The transcription above can share a misreading with masks.py; these tests ask the fastmri package itself
+# (a dev dependency) for the mask of a file, with the seed fastMRI's SliceDataset uses, through its apply_mask.
+FASTMRI_CASES = [(368, 4, 0.08, "file1000001.h5"), (368, 8, 0.04, "file1000007.h5"),
+                 (320, 4, 0.08, "file_brain_AXT2_200_2000019.h5"), (372, 8, 0.04, "file1002538.h5"),
+                 (640, 4, 0.08, "x.h5"), (36, 4, 0.17, "tiny_scan.h5")]
+
+
+@pytest.mark.parametrize("kind, fastmri_class", [("random", "RandomMaskFunc"),
+                                                 ("equispaced_fraction", "EquispacedMaskFractionFunc")])
+@pytest.mark.parametrize("width, acceleration, center_fraction, file_name", FASTMRI_CASES)
+def test_masks_equal_fastmris_mask_functions(kind, fastmri_class, width, acceleration, center_fraction, file_name):
+    from fastmri.data import subsample, transforms                    # the dev extra installs fastmri
+    mask_func = getattr(subsample, fastmri_class)([center_fraction], [acceleration])
+    kspace = torch.ones(2, 24, width, 2)                              # fastMRI's (coils, rows, cols, re/im)
+    seed = tuple(map(ord, file_name))                                 # as SliceDataset seeds it
+    _, theirs, _ = transforms.apply_mask(kspace, mask_func, seed=seed)
+    ours = make_mask(kind, shape=(24, width), acceleration=acceleration, center_fraction=center_fraction,
+                     seed=file_name)
+    np.testing.assert_array_equal(ours.numpy(), theirs.reshape(-1).numpy().astype(bool))
+
+
+@pytest.mark.parametrize("padding", [(10, 350), (0, 368), (3, 360)])
+def test_padding_equals_fastmris_apply_mask(padding):
+    from fastmri.data import subsample, transforms                    # the dev extra installs fastmri
+    kspace = torch.ones(1, 8, 368, 2)
+    seed = tuple(map(ord, FILE))
+    _, theirs, _ = transforms.apply_mask(kspace, subsample.RandomMaskFunc([0.08], [4]), seed=seed, padding=padding)
+    ours = make_mask("random", shape=(8, 368), acceleration=4, center_fraction=0.08, seed=FILE, padding=padding)
+    np.testing.assert_array_equal(ours.numpy(), theirs.reshape(-1).numpy().astype(bool))

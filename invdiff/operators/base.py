@@ -20,7 +20,8 @@ from deepinv.physics import LinearPhysics
 class Operator(LinearPhysics):
     """Base class of every invdiff operator: implement ``A``, ``A_adjoint`` and ``in_shape``.
 
-    Subclasses may override ``A_dagger`` (closed-form pseudo-inverse) and ``normal`` (``A^H A``).
+    Subclasses may override ``A_dagger`` (closed-form pseudo-inverse) and ``A_adjoint_A`` (``A^H A``, deepinv's
+    name, so deepinv's own solvers get the fast closed form too).
     Constructor arguments are recorded automatically, so :meth:`replace` works for user operators too.
 
     Class attributes:
@@ -84,9 +85,13 @@ class Operator(LinearPhysics):
         return None
 
     # ---- derived algebra ---------------------------------------------------------------------------
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
-        """``A^H A x``; override where a closed form is cheaper."""
+    def A_adjoint_A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802 (deepinv's name)
+        """``A^H A x``; override where a closed form is cheaper (deepinv's solvers call this one)."""
         return self.A_adjoint(self.A(x))
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """Deprecated name of :meth:`A_adjoint_A` (plugins written against it keep working)."""
+        return self.A_adjoint_A(x)
 
     def A_dagger(self, y: torch.Tensor, *, max_iter: int = 200, tol: float = 1e-6, **kwargs) -> torch.Tensor:  # noqa: N802
         """Minimum-norm least-squares solution ``A^+ y`` by conjugate gradients on the normal equations.
@@ -94,7 +99,7 @@ class Operator(LinearPhysics):
         Subclasses with a closed form override this. Started from zero, CG on ``A^H A x = A^H y`` stays in
         the row space of ``A``, so it converges to the minimum-norm solution.
         """
-        return conjugate_gradient(self.normal, self.A_adjoint(y), max_iter=max_iter, tol=tol)
+        return conjugate_gradient(self.A_adjoint_A, self.A_adjoint(y), max_iter=max_iter, tol=tol)
 
     def replace(self, **changes: Any) -> "Operator":
         """A new operator with some constructor arguments changed, on the same device; ``self`` is unchanged.

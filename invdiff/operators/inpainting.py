@@ -192,6 +192,6 @@ class Inpainting(Operator):
         """``A^+ y = M y`` exactly (M is an orthogonal projection)."""
         return torch.where(self.mask, y, 0.0)
 
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
+    def A_adjoint_A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802 (deepinv's name)
         """``A^T A x = M x``."""
         return torch.where(self.mask, x, 0.0)

@@ -130,10 +130,6 @@ class CartesianMRI(Operator):
         _check_shape("y", y, self.in_shape)
         return complex_to_real(ifft2c(self._apply_mask(real_to_complex(y))))
 
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
-        """``A^H A x = F^H M F x`` (M is idempotent)."""
-        return self.A_adjoint(self.A(x))
-
     def A_dagger(self, y: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802
         """``A^+ y = A^H (A A^H)^+ y = A^H M y = A^H y``: exact, since ``A A^H = M`` is a projection."""
         return self.A_adjoint(y)
@@ -234,7 +230,7 @@ class SenseMRI(Operator):
         _check_shape("y", y, (2, self.num_coils, *self.img_size))
         return complex_to_real(self._adjoint(real_to_complex(y)))
 
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
+    def A_adjoint_A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: N802 (deepinv's name)
         """``A^H A x = sum_c conj(S_c) F^H M F S_c x``, computed in complex without real round trips."""
         _check_shape("x", x, self.in_shape)
         image = real_to_complex(x)

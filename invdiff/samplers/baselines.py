@@ -47,7 +47,7 @@ def operator_norm_squared(operator, like: torch.Tensor, iterations: int = 30,
     x = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     value = 1.0
     for _ in range(iterations):
-        x = operator.normal(x / x.norm())
+        x = operator.A_adjoint_A(x / x.norm())
         value = float(x.norm())
     return 1.01 * value
 
@@ -87,7 +87,7 @@ def sample_cg_sense(problem: InverseProblem, prior=None, *, lam: float = 1e-2, m
     op = problem.operator
     adjoint = op.A_adjoint(problem.y)
     ridge = lam * operator_norm_squared(op, adjoint)
-    x = conjugate_gradient(lambda v: op.normal(v) + ridge * v, adjoint, max_iter=max_iter, tol=tol)
+    x = conjugate_gradient(lambda v: op.A_adjoint_A(v) + ridge * v, adjoint, max_iter=max_iter, tol=tol)
     return _done(x, start, lam=lam, ridge=ridge)
 
 

@@ -164,7 +164,7 @@ def _quadratic_prox(problem: InverseProblem, x0_hat: torch.Tensor, rho_t: float,
     """
     operator = problem.operator
     rhs = operator.A_adjoint(problem.y) + rho_t * x0_hat
-    return conjugate_gradient(lambda v: operator.normal(v) + rho_t * v, rhs, max_iter=max_iter, tol=1e-6, x0=x0_hat)
+    return conjugate_gradient(lambda v: operator.A_adjoint_A(v) + rho_t * v, rhs, max_iter=max_iter, tol=1e-6, x0=x0_hat)
 
 
 @register_solver("diffpir", kind="diffusion")
