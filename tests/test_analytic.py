@@ -524,3 +524,21 @@ def test_grid_mixture_25_and_two_mode_mixture():
     assert torch.allclose((two.means[1] - two.means[0]).norm(), torch.tensor(6.0, dtype=F64))
     assert torch.allclose(two.means.sum(0), torch.zeros(1, 4, 4, dtype=F64), atol=1e-14)
     assert torch.allclose(two.weights, torch.tensor([0.3, 0.7], dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["dense", "diagonal", "stationary"])
+def test_tweedie_covariance_is_the_posterior_covariance_of_x0(name):
+    """``tweedie_covariance(x, sigma, v) = (S - S (S + sigma^2 I)^-1 S) v`` per batch element (its own sigma), and the
+    power-1/2 operator squared gives it back (the SMC Tweedie proposal draws ``D + C^(1/2) xi``)."""
+    prior, _, cov = GAUSSIANS[name]
+    d = cov.shape[0]
+    sigma = torch.tensor([0.3, 1.7], dtype=F64)
+    v = _randn(2, *prior.event_shape, seed=21)
+    x = _randn(2, *prior.event_shape, seed=22)
+    out = prior.tweedie_covariance(x, sigma, v)
+    for b in range(2):
+        expected = cov - cov @ torch.linalg.solve(cov + sigma[b] ** 2 * torch.eye(d, dtype=F64), cov)
+        assert torch.allclose(out[b].reshape(-1), expected @ v[b].reshape(-1), atol=1e-10)
+    root = prior.tweedie_covariance(x, sigma, prior.tweedie_covariance(x, sigma, v, power=0.5), power=0.5)
+    assert torch.allclose(root, out, atol=1e-10)
+    assert not hasattr(MIXTURES["mixture_full"][0], "tweedie_covariance")     # no closed form: not offered

@@ -333,21 +333,7 @@ class AnalyticPrior(Denoiser):
                                      problem.sigma_y, self.event_shape)
         return post
 
-    def tweedie_covariance(self, x: torch.Tensor, sigma, v: torch.Tensor, power: float = 1.0) -> torch.Tensor:
-        """``Cov[x0 | x0 + sigma n = x]^power v``: Tweedie's second moment ``sigma^2 dD/dx`` (symmetric PSD).
-
-        x, v: (B, C, H, W) or (B, d); sigma: scalar or (B,); power 1 (products) or 1/2 (draws
-        ``D + Cov^(1/2) xi`` from the Gaussian ``N(D, Cov)``). For a Gaussian prior the covariance does not
-        depend on x and ``p(x0 | x)`` is exactly that Gaussian (the SMC sampler's ``proposal="tweedie"``).
-        """
-        flat = _flat(v, self.event_shape)
-        sigma = as_sigma_batch(sigma, len(flat), flat)
-        return self._tweedie_covariance(flat, sigma, float(power)).reshape(v.shape)
-
     # subclass interface
-    def _tweedie_covariance(self, v: torch.Tensor, sigma: torch.Tensor, power: float) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no closed-form Tweedie covariance")
-
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -364,7 +350,26 @@ def _column(sigma: torch.Tensor) -> torch.Tensor:
 
 
 # ---- Gaussian priors ------------------------------------------------------------------------------------
-class GaussianPrior(AnalyticPrior):
+class _ClosedFormTweedie:
+    """Mixin of the single-Gaussian priors: ``Cov[x0 | x]`` in closed form (it does not depend on x).
+
+    Only priors that have it carry ``tweedie_covariance`` (the SMC sampler checks for the attribute).
+    """
+
+    def tweedie_covariance(self, x: torch.Tensor, sigma, v: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+        """``Cov[x0 | x0 + sigma n = x]^power v``: Tweedie's second moment ``sigma^2 dD/dx`` (symmetric PSD).
+
+        x, v: (B, C, H, W) or (B, d); sigma: scalar or (B,); power 1 (products) or 1/2 (draws
+        ``D + Cov^(1/2) xi`` from the Gaussian ``N(D, Cov)``). For a Gaussian prior the covariance does not
+        depend on x and ``p(x0 | x)`` is exactly that Gaussian (the SMC sampler's ``proposal="tweedie"``).
+        """
+        flat = _flat(v, self.event_shape)
+        sigma = as_sigma_batch(sigma, len(flat), flat)
+        return self._tweedie_covariance(flat, sigma, float(power)).reshape(v.shape)
+
+
+
+class GaussianPrior(_ClosedFormTweedie, AnalyticPrior):
     """``x0 ~ N(mean, cov)`` with a dense covariance (d up to a few thousand).
 
     mean: (C, H, W), (H, W) or (d,); cov: (d, d) symmetric PSD (singular allowed). With
@@ -420,7 +425,7 @@ class GaussianPrior(AnalyticPrior):
         return self.eigenvectors * self.eigenvalues.sqrt()
 
 
-class DiagonalGaussianPrior(AnalyticPrior):
+class DiagonalGaussianPrior(_ClosedFormTweedie, AnalyticPrior):
     """``x0 ~ N(mean, diag(var))``: ``D(x, sigma) = mean + var / (var + sigma^2) (x - mean)``.
 
     mean: (C, H, W), (H, W) or (d,); var: same number of entries (or a scalar), >= 0.
@@ -623,7 +628,7 @@ class FourierGaussianPosterior:
         return -0.5 * (quad + lam.log().sum() + self._mean.numel() * LOG_2PI)
 
 
-class StationaryGaussianPrior(AnalyticPrior):
+class StationaryGaussianPrior(_ClosedFormTweedie, AnalyticPrior):
     """A stationary (circulant) Gaussian field: ``x0 = mean + F^H diag(sqrt(P)) F z`` per channel, z ~ N(0, I).
 
     mean: (C, H, W) or (H, W) (or a scalar with ``shape``); power_spectrum P: (C, H, W) or (H, W) >= 0 in

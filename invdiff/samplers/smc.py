@@ -401,6 +401,10 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
     sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
     _check_arguments(num_particles, steps, variant, proposal, resample, ess_threshold, langevin_steps,
                      langevin_step_size, rejuvenation_steps, weight_rule, laplacian_probes, sigma_min, sigma_max)
+    if proposal == "tweedie" and not callable(getattr(prior, "tweedie_covariance", None)):
+        raise ValueError(f"proposal='tweedie' needs a prior with tweedie_covariance(x, sigma, v, power) "
+                         f"(Cov[x0 | x_sigma] products; the analytic Gaussian priors have one); "
+                         f"{type(prior).__name__} has none")
     n, steps = int(num_particles), int(steps)
     corrector_moves = (1 if variant == "ode" else 0) if langevin_steps is None else int(langevin_steps)
     dtype = torch.promote_types(problem.y.dtype, torch.float32)
