@@ -217,6 +217,20 @@ def test_score_sde_training_checkpoint_loads_its_ema_weights(tmp_path, case):
         assert (decoy(ref["x"], sigma) - expected).abs().max() > 1e-2
 
 
+def test_training_checkpoint_converted_to_safetensors_keeps_the_ema_weights(tmp_path):
+    """save_as_safetensors writes the EMA weights under their names: the converted file gives the reference D."""
+    from invdiff.priors.adapters import save_as_safetensors
+
+    meta, ref = SDE_META["three_levels_attention"], SDE_TENSORS["three_levels_attention"]
+    torch.save(score_sde_training_checkpoint(rebuilt_weights(meta, sde_schedule(meta)), 5), tmp_path / "checkpoint_3.pth")
+    out = save_as_safetensors(tmp_path / "checkpoint_3.pth")
+    assert out == tmp_path / "checkpoint_3.safetensors"
+    prior = load_score_sde_checkpoint(out, config=meta["config"])
+    sigma, expected = expected_ve_denoiser(meta, ref)
+    with torch.no_grad():
+        close(prior(ref["x"], sigma), expected, "converted")
+
+
 @pytest.mark.parametrize("case", sorted(SDE_META))
 def test_score_sde_state_dict_with_only_the_invisible_flags(tmp_path, case):
     """The bare state dict as .safetensors, through load_ncsnpp_checkpoint (which recognises the layout),

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["VPEpsAdapter", "VEScoreAdapter", "NCSNppScore", "EDMAdapter", "DenoiserAdapter", "RescaledDenoiser",
            "ChannelwiseDenoiser", "load_adm_checkpoint", "load_ncsnpp_checkpoint", "load_score_sde_checkpoint",
-           "load_foreign_prior", "is_foreign_prior", "load_edm_checkpoint", "load_diffusers_unet",
+           "load_foreign_prior", "is_foreign_prior", "save_as_safetensors", "load_edm_checkpoint", "load_diffusers_unet",
            "alphas_cumprod_from_scheduler_config"]
 
 PREDICTIONS = ("epsilon", "v", "sample")
@@ -503,6 +503,28 @@ def _score_sde_model_state(obj, path: Path, key: str | None, ema: bool) -> dict[
     trainable = [k for k in model if k != "sigmas" and not (k == "all_modules.0.W" and model[k].ndim == 1)]
     log.info("%s: using the EMA weights (%d tensors)", path, len(trainable))
     return state_from_shadow_params(model, obj["ema"]["shadow_params"], trainable, path)
+
+
+def save_as_safetensors(path: str | os.PathLike, out: str | os.PathLike | None = None, *, ema: bool = True,
+                        key: str | None = None) -> Path:
+    """Write the weights the loaders would use from ``path`` as a ``.safetensors`` file (tensors only) and return it.
+
+    For score-SDE's training checkpoint that is its EMA weights under the model's names (``ema=False``: the
+    'model' weights); otherwise what :func:`load_state_dict` reads. ``out`` defaults to ``path`` with the suffix
+    ``.safetensors``. Convert once; later loads read no pickle at all.
+    """
+    from safetensors.torch import save_file
+
+    from invdiff.priors.checkpoints import read_checkpoint
+
+    path = Path(path)
+    out = path.with_suffix(".safetensors") if out is None else Path(out)
+    if out.resolve() == path.resolve():
+        raise ValueError(f"{path}: already a .safetensors file")
+    state = _score_sde_model_state(read_checkpoint(path), path, key, ema)
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(out))
+    log.info("%s: wrote %d tensors to %s", path, len(state), out)
+    return out
 
 
 def load_score_sde_checkpoint(path: str | os.PathLike, *, config=None, ema: bool = True, sigma_min: float | None = None,
