@@ -33,6 +33,17 @@ Held-out images (never used in training; ``invdiff.datasets.training`` refuses t
                                                                     #   benchmarks/results/prior_denoising-<date>-cpu.{json,md}
     python -m benchmarks.prior_denoising --brain /tmp/priors/brain-mri-complex --ct /tmp/priors/ct-phantom
     python -m benchmarks.prior_denoising --quick --out /tmp/bench   # 3 phantoms, coarser grids
+
+Old vs new (issue 15 / 21): ``--prior-only`` skips the (slow, prior-independent) baseline tuning;
+``--whole-head`` adds the one-step relative error ``||D(x + sigma n, sigma) - x|| / ||x||`` at sigma 0.5, 1, 2, 5
+(prior scale) on whole-head views of the held-out brain images (each slice padded square and area-shrunk to
+64 px, so the pixel spacing is its own times side / 64); ``--ct-source ct-anatomy`` uses fresh anatomical
+phantoms (seeds 2**62 + k, at 2 mm, 128 px) instead of the ellipse phantoms; ``--real-ct DIR`` adds real CT
+slices (``*.npy`` in HU, resized to 128 px; ``DIR/spacing.json`` maps a stem to its mm / pixel), never used in
+training or tuning. A spacing-conditioned prior is called at each image's spacing (``prior.at_spacing``).
+
+    python -m benchmarks.prior_denoising --brain runs/export/brain.json --ct runs/export/ct.json --prior-only \
+        --whole-head --ct-source ct-anatomy --real-ct runs/realct --out runs/eval/new
 """
 from __future__ import annotations
 
@@ -77,6 +88,7 @@ class HeldOutImage:
     name: str
     image: np.ndarray
     source: str
+    spacing_mm: float | None = None      # pixel spacing, passed to spacing-conditioned priors
 
 
 @dataclass
@@ -112,9 +124,86 @@ def brain_test_images() -> list[HeldOutImage]:
     frame = np.asarray(nibabel.load(str(epi_path)).dataobj[..., 0], dtype=np.float64)     # (x=128, y=96, z=24)
     # Radiological display as in data/make_samples.py: rows anterior -> posterior, columns right -> left.
     epi = frame[:, :, EPI_SLICE].T[::-1]
-    return [HeldOutImage("brain T1 (dipy)", unit_range(t1), f"dipy {t1_path.name}"),
+    # Spacings: the T1 slice is 1 mm (data/README.md), the EPI 2 x 1.97 mm in plane.
+    return [HeldOutImage("brain T1 (dipy)", unit_range(t1), f"dipy {t1_path.name}", 1.0),
             HeldOutImage("brain EPI (nibabel)", unit_range(epi),
-                      f"nibabel {epi_path.name}, frame 0, axial slice {EPI_SLICE}")]
+                         f"nibabel {epi_path.name}, frame 0, axial slice {EPI_SLICE}", 2.0)]
+
+
+def ct_anatomy_test_images(count: int, size: int = CT_PHANTOM_SIZE, spacing_mm: float = 2.0) -> list[HeldOutImage]:
+    """``count`` fresh anatomical phantoms (head, thorax, abdomen, spine in turn) at ``spacing_mm``, seeds 2**62 + k."""
+    from invdiff.datasets.ct_anatomy import ANATOMIES, render_phantom
+
+    images = []
+    for k, seed in enumerate(held_out_ct_seeds(count)):
+        anatomy = ANATOMIES[k % len(ANATOMIES)]
+        image, _ = render_phantom(torch.Generator().manual_seed(seed), size, anatomy=anatomy, spacing_mm=spacing_mm)
+        images.append(HeldOutImage(f"CT {anatomy} 2**62+{k}", image.double().numpy(),
+                                   f"ct_anatomy.render_phantom(seed {seed}, {size} px, {spacing_mm} mm)", spacing_mm))
+    return images
+
+
+def real_ct_images(folder: Path, size: int = CT_PHANTOM_SIZE) -> list[HeldOutImage]:
+    """Real CT slices ``folder/*.npy`` (HU) area-resized to ``size`` (square-padded with air), on (HU + 1000) / 2000."""
+    import json
+
+    spacing = json.loads((folder / "spacing.json").read_text()) if (folder / "spacing.json").is_file() else {}
+    images = []
+    for path in sorted(folder.glob("*.npy")):
+        hu = np.load(path).astype(np.float64)
+        side = max(hu.shape)
+        square = np.full((side, side), -1000.0)
+        top, left = (side - hu.shape[0]) // 2, (side - hu.shape[1]) // 2
+        square[top:top + hu.shape[0], left:left + hu.shape[1]] = hu
+        x = torch.from_numpy(np.clip((square + 1000) / 2000, 0, 1))[None, None]
+        small = torch.nn.functional.interpolate(x, size=(size, size), mode="area")[0, 0].numpy()
+        own = spacing.get(path.stem)
+        images.append(HeldOutImage(f"real CT {path.stem}", small, f"{path} resized {side} -> {size}",
+                                   None if own is None else own * side / size))
+    return images
+
+
+def whole_head_views(tests: list[HeldOutImage], size: int = 64) -> list[HeldOutImage]:
+    """Each image padded square with zeros and area-shrunk to ``size``: a whole-head view, spacing scaled to match."""
+    views = []
+    for test in tests:
+        side = max(test.image.shape)
+        square = np.zeros((side, side))
+        top, left = (side - test.image.shape[0]) // 2, (side - test.image.shape[1]) // 2
+        square[top:top + test.image.shape[0], left:left + test.image.shape[1]] = test.image
+        small = torch.nn.functional.interpolate(torch.from_numpy(square)[None, None], size=(size, size),
+                                                mode="area")[0, 0].numpy()
+        spacing = None if test.spacing_mm is None else test.spacing_mm * side / size
+        views.append(HeldOutImage(f"{test.name} whole head {size} px", small, test.source, spacing))
+    return views
+
+
+WHOLE_HEAD_SIGMAS = (0.5, 1.0, 2.0, 5.0)
+
+
+@torch.no_grad()
+def whole_head_errors(prior, views: list[HeldOutImage], *, complex_prior: bool, sigmas=WHOLE_HEAD_SIGMAS,
+                      draws: int = 8) -> list[dict]:
+    """One-step relative error ``||D(x + sigma n, sigma) - x|| / ||x||`` on the prior's scale (brain: x / s, zero
+    imaginary part), mean over ``draws`` noise draws per sigma, for each view."""
+    rows = []
+    for view in views:
+        denoiser = prior.at_spacing(view.spacing_mm) if hasattr(prior, "at_spacing") else prior
+        scale = reference_scale_of(view.image) if complex_prior else 1.0
+        x = torch.from_numpy(view.image / scale)[None]
+        if complex_prior:
+            x = torch.cat([x, torch.zeros_like(x)])
+        x = x[None].to(prior.dtype)                                          # (1, C, H, W)
+        for sigma in sigmas:
+            generator = torch.Generator().manual_seed(noise_seed(view.name, sigma))
+            noise = torch.randn((draws,) + tuple(x.shape[1:]), generator=generator, dtype=torch.float64)
+            y = x + sigma * noise.to(prior.dtype)
+            estimate = denoiser(y, torch.full((draws,), float(sigma), dtype=prior.dtype))
+            errors = (estimate - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+            rows.append({"image": view.name, "sigma": sigma, "spacing_mm": view.spacing_mm,
+                         "relative_error": float(errors.mean()), "relative_error_std": float(errors.std())})
+            log.info("%s sigma %.1f: relative error %.3f", view.name, sigma, rows[-1]["relative_error"])
+    return rows
 
 
 def held_out_ct_seeds(count: int) -> list[int]:
@@ -237,8 +326,11 @@ def reference_scale_of(image: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------------------------- benchmark
 def evaluate_image(prior, test: HeldOutImage, *, complex_prior: bool, budget: GridSearch,
-                   sigmas=SIGMAS) -> dict:
-    """Every sigma for one image: prior (real channel and modulus for the complex prior), best TV, best wavelet."""
+                   sigmas=SIGMAS, baselines: bool = True) -> dict:
+    """Every sigma for one image: prior (real channel and modulus for the complex prior), best TV, best wavelet
+    (``baselines=False``: the prior only)."""
+    if hasattr(prior, "at_spacing"):
+        prior = prior.at_spacing(test.spacing_mm)
     clean = test.image
     channels = 2 if complex_prior else 1
     noise = np.stack([draw_noise(clean.shape, test.name, s, channels) for s in sigmas])    # (B, C, H, W)
@@ -255,28 +347,32 @@ def evaluate_image(prior, test: HeldOutImage, *, complex_prior: bool, budget: Gr
     rows = []
     for i, sigma in enumerate(sigmas):
         noisy = clean + sigma * noise[i, 0]           # the baselines see the real channel's noise
-        start = time.perf_counter()
-        tv = best_tv(clean, noisy, sigma, budget)
-        wavelet = best_wavelet(clean, noisy, sigma, budget)
-        row = {"sigma": sigma, "noisy_psnr": psnr01(clean, noisy), "prior_psnr": psnr01(clean, estimates[i]),
-               "tv": tv, "wavelet": wavelet, "baseline_tuning_seconds": time.perf_counter() - start}
+        row = {"sigma": sigma, "noisy_psnr": psnr01(clean, noisy), "prior_psnr": psnr01(clean, estimates[i])}
         if moduli is not None:
             row["prior_modulus_psnr"] = psnr01(clean, moduli[i])
             row["prior_sigma"] = sigma / scale
-        row["margin_db"] = row["prior_psnr"] - max(tv["psnr"], wavelet["psnr"])
-        row["prior_beats_both"] = row["margin_db"] > 0
+        if baselines:
+            start = time.perf_counter()
+            tv = best_tv(clean, noisy, sigma, budget)
+            wavelet = best_wavelet(clean, noisy, sigma, budget)
+            row.update(tv=tv, wavelet=wavelet, baseline_tuning_seconds=time.perf_counter() - start)
+            row["margin_db"] = row["prior_psnr"] - max(tv["psnr"], wavelet["psnr"])
+            row["prior_beats_both"] = row["margin_db"] > 0
+            log.info("%s sigma %.2f: prior %.2f dB, TV %.2f dB, wavelet %.2f dB", test.name, sigma,
+                     row["prior_psnr"], tv["psnr"], wavelet["psnr"])
+        else:
+            log.info("%s sigma %.2f: prior %.2f dB", test.name, sigma, row["prior_psnr"])
         rows.append(row)
-        log.info("%s sigma %.2f: prior %.2f dB, TV %.2f dB, wavelet %.2f dB", test.name, sigma,
-                 row["prior_psnr"], tv["psnr"], wavelet["psnr"])
     return {"image": test.name, "source": test.source, "shape": list(clean.shape), "reference_scale": scale,
-            "prior_seconds_all_sigmas": prior_seconds, "results": rows}
+            "spacing_mm": test.spacing_mm, "prior_seconds_all_sigmas": prior_seconds, "results": rows}
 
 
 def prior_summary(prior_path: str, prior, images: list[dict]) -> dict:
     from invdiff.priors.loading import trained_steps
 
     meta = getattr(prior, "metadata", {})
-    rows = [r for image in images for r in image["results"] if r["sigma"] >= HEADLINE_MIN_SIGMA - 1e-12]
+    rows = [r for image in images for r in image["results"]
+            if r["sigma"] >= HEADLINE_MIN_SIGMA - 1e-12 and "prior_beats_both" in r]
     return {"prior": prior_path, "name": meta.get("name"), "steps": trained_steps(meta),
             "sha256": meta.get("sha256"), "parameters": meta.get("parameters"),
             "training_wall_seconds": meta.get("total_wall_seconds", meta.get("wall_seconds")), "normalisation": meta.get("normalisation"),
@@ -288,6 +384,7 @@ def prior_summary(prior_path: str, prior, images: list[dict]) -> dict:
 def save_examples(path: Path, prior_name: str, tests: list[HeldOutImage], prior, *, complex_prior: bool,
                   sigma: float = 0.2) -> None:
     """A figure: clean, noisy, prior, best TV and best wavelet estimate for each image at one sigma."""
+    base_prior = prior
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,6 +396,7 @@ def save_examples(path: Path, prior_name: str, tests: list[HeldOutImage], prior,
     fig, axes = plt.subplots(len(tests), 5, figsize=(10, 2.1 * len(tests)), squeeze=False)
     for row, test in zip(axes, tests):
         clean = test.image
+        prior = base_prior.at_spacing(test.spacing_mm) if hasattr(base_prior, "at_spacing") else base_prior
         noise = draw_noise(clean.shape, test.name, sigma, 2 if complex_prior else 1)[None]
         if complex_prior:
             scale = reference_scale_of(clean)
@@ -328,7 +426,8 @@ def save_examples(path: Path, prior_name: str, tests: list[HeldOutImage], prior,
     plt.close(fig)
 
 
-def run(brain: str | None, ct: str | None, *, quick: bool, figures: Path | None) -> dict:
+def run(brain: str | None, ct: str | None, *, quick: bool, figures: Path | None, baselines: bool = True,
+        whole_head: bool = False, ct_source: str = "ct-phantoms", real_ct: Path | None = None) -> dict:
     from invdiff.priors.loading import load_prior
 
     budget = GridSearch(7, 5) if quick else GridSearch()
@@ -346,17 +445,28 @@ def run(brain: str | None, ct: str | None, *, quick: bool, figures: Path | None)
                   "psnr": "10 log10(1 / MSE) over the whole image, every estimate clipped to [0, 1]",
                   "ct_seeds": "2**62 + k; training draws phantom seeds from [0, 2**62)"},
               "priors": {}}
+    report["protocol"]["baselines"] = "tuned per image and sigma" if baselines else "skipped (--prior-only)"
+    report["protocol"]["ct_source"] = ct_source
     plans = []
     if brain:
         plans.append(("brain", brain, brain_test_images, True))
     if ct:
-        plans.append(("ct", ct, lambda: ct_test_images(3 if quick else 8), False))
+        count = 4 if quick else 8
+
+        def make_ct():
+            images = ct_anatomy_test_images(count) if ct_source == "ct-anatomy" else ct_test_images(count)
+            return images + (real_ct_images(real_ct) if real_ct else [])
+
+        plans.append(("ct", ct, make_ct, False))
     for key, path, make_images, complex_prior in plans:
         start = time.perf_counter()
         prior = load_prior(path)
         tests = make_images()
-        images = [evaluate_image(prior, t, complex_prior=complex_prior, budget=budget) for t in tests]
+        images = [evaluate_image(prior, t, complex_prior=complex_prior, budget=budget, baselines=baselines)
+                  for t in tests]
         report["priors"][key] = prior_summary(path, prior, images)
+        if whole_head and key == "brain":
+            report["priors"][key]["whole_head"] = whole_head_errors(prior, whole_head_views(tests), complex_prior=True)
         report["priors"][key]["seconds"] = time.perf_counter() - start
         if figures is not None:
             name = getattr(prior, "name", key)
@@ -373,10 +483,26 @@ def markdown(report: dict) -> str:
     for key, entry in report["priors"].items():
         lines += ["", f"## {entry['name'] or key} ({entry['prior']}, step {entry['steps']}, "
                       f"{entry['parameters']} parameters, sha256 {str(entry['sha256'])[:12]})", "",
-                  f"Prior beats both baselines at every sigma >= {HEADLINE_MIN_SIGMA} on every image: "
-                  f"**{'yes' if entry['beats_both_at_every_sigma_ge_0.1'] else 'no'}** "
-                  f"({entry['wins_at_sigma_ge_0.1']} image-sigma pairs). Runtime {entry['seconds']:.0f} s.", ""]
+                  (f"Prior beats both baselines at every sigma >= {HEADLINE_MIN_SIGMA} on every image: "
+                   f"**{'yes' if entry['beats_both_at_every_sigma_ge_0.1'] else 'no'}** "
+                   f"({entry['wins_at_sigma_ge_0.1']} image-sigma pairs)." if entry["wins_at_sigma_ge_0.1"] != "0/0"
+                   else "Baselines skipped (--prior-only).") + f" Runtime {entry['seconds']:.0f} s.", ""]
+        if entry.get("whole_head"):
+            lines += ["One-step relative error ||D(x + sigma n) - x|| / ||x|| on whole-head views (prior scale, mean "
+                      "of 8 draws):", "", "| view | spacing mm | sigma | relative error |", "|---|---:|---:|---:|"]
+            lines += [f"| {r['image']} | {r['spacing_mm']:.2f} | {r['sigma']} | {r['relative_error']:.4f} |"
+                      for r in entry["whole_head"]]
+            lines.append("")
         modulus = key == "brain"
+        if not entry["images"] or "tv" not in entry["images"][0]["results"][0]:
+            lines.append("| image | spacing mm | sigma | noisy | prior D |" + (" prior modulus |" if modulus else ""))
+            lines.append("|---|---:|---:|---:|---:|" + ("---:|" if modulus else ""))
+            for image in entry["images"]:
+                for r in image["results"]:
+                    spacing = "-" if image.get("spacing_mm") is None else f"{image['spacing_mm']:.2f}"
+                    lines.append(f"| {image['image']} | {spacing} | {r['sigma']} | {r['noisy_psnr']:.2f} | "
+                                 f"{r['prior_psnr']:.2f} |" + (f" {r['prior_modulus_psnr']:.2f} |" if modulus else ""))
+            continue
         lines.append("| image | sigma | noisy | prior D | " + ("prior modulus | " if modulus else "")
                      + "best TV (weight) | best wavelet (method, wavelet, sigma param / sigma) | prior - best | beats both |")
         lines.append("|---|---:|---:|---:|" + ("---:|" if modulus else "") + "---:|---:|---:|:---:|")
@@ -411,7 +537,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--brain", default="brain-mri-complex",
                         help="complex brain prior: shipped name or exported path ('skip' to leave out)")
     parser.add_argument("--ct", default="ct-phantom", help="CT prior: shipped name or exported path ('skip')")
-    parser.add_argument("--quick", action="store_true", help="3 CT phantoms instead of 8, coarser tuning grids")
+    parser.add_argument("--quick", action="store_true", help="4 CT phantoms instead of 8, coarser tuning grids")
+    parser.add_argument("--prior-only", action="store_true", help="skip the TV / wavelet tuning (old vs new runs)")
+    parser.add_argument("--whole-head", action="store_true",
+                        help="also the one-step relative error at sigma 0.5-5 on whole-head views of the brain images")
+    parser.add_argument("--ct-source", choices=("ct-phantoms", "ct-anatomy"), default="ct-phantoms",
+                        help="which procedural phantoms the CT prior is tested on (fresh seeds 2**62 + k)")
+    parser.add_argument("--real-ct", type=Path, default=None, help="folder of real CT slices (*.npy, HU)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown reports")
     parser.add_argument("--figures", type=Path, default=FIGURES,
@@ -421,7 +553,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     report = run(None if args.brain == "skip" else args.brain, None if args.ct == "skip" else args.ct,
-                 quick=args.quick, figures=None if str(args.figures) == "none" else args.figures)
+                 quick=args.quick, figures=None if str(args.figures) == "none" else args.figures,
+                 baselines=not args.prior_only, whole_head=args.whole_head, ct_source=args.ct_source,
+                 real_ct=args.real_ct)
     report["seconds"] = time.perf_counter() - start
     json_path, md_path = write_report(report, args.out)
     print(markdown(report))

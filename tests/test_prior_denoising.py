@@ -110,3 +110,49 @@ def test_held_out_ct_seeds_lie_outside_the_training_seed_range(monkeypatch):
     held_out = B.held_out_ct_seeds(8)
     assert len(set(held_out)) == 8 and min(held_out) >= B.CT_TRAINING_SEED_BOUND
     torch.Generator().manual_seed(max(held_out))             # a valid torch seed (< 2**64)
+
+
+class _Identity(Denoiser):
+    """D(y, sigma) = y: the one-step relative error is then sigma ||n|| / ||x||; records the spacing it was given."""
+
+    def __init__(self, spacing=None):
+        super().__init__()
+        self.spacing = spacing
+        self.channels = 2
+
+    def at_spacing(self, spacing_mm):
+        return _Identity(spacing_mm)
+
+    def forward(self, x, sigma):
+        assert self.spacing is not None
+        return x
+
+
+def test_whole_head_views_shrink_the_padded_slice_and_scale_the_spacing():
+    image = np.zeros((40, 20))
+    image[10:30, 5:15] = 1.0
+    (view,) = B.whole_head_views([B.HeldOutImage("x", image, "test", 2.0)], size=16)
+    assert view.image.shape == (16, 16) and view.spacing_mm == pytest.approx(2.0 * 40 / 16)
+    # Area shrinking keeps the mean of the square-padded image: 200 ones over 40 x 40 pixels.
+    assert view.image.mean() == pytest.approx(200 / 1600)
+
+
+def test_whole_head_error_of_the_identity_is_sigma_times_noise_over_signal():
+    image = np.full((16, 16), 0.5)
+    view = B.HeldOutImage("flat", image, "test", 4.0)
+    rows = B.whole_head_errors(_Identity(), [view], complex_prior=True, sigmas=(0.5, 2.0), draws=64)
+    # x / s is 1 in the real channel (s = 0.5, the percentile of a flat image): ||x|| = 16, ||n|| ~ sqrt(512).
+    for row in rows:
+        assert row["spacing_mm"] == 4.0
+        assert row["relative_error"] == pytest.approx(row["sigma"] * math.sqrt(512) / 16, rel=0.05)
+
+
+def test_real_ct_slices_are_padded_resized_and_put_on_the_ct_scale(tmp_path):
+    hu = np.full((40, 20), -1000.0)
+    hu[10:30, :] = 0.0                                   # water: 0.5 on (HU + 1000) / 2000
+    np.save(tmp_path / "slice.npy", hu)
+    (tmp_path / "spacing.json").write_text('{"slice": 0.5}')
+    (image,) = B.real_ct_images(tmp_path, size=8)
+    assert image.image.shape == (8, 8) and image.spacing_mm == pytest.approx(0.5 * 40 / 8)
+    assert image.image.mean() == pytest.approx(0.5 * (20 * 20) / (40 * 40))
+    assert image.image.max() == pytest.approx(0.5)
