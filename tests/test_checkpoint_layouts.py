@@ -145,6 +145,9 @@ def test_adm_flags_of_the_readme_and_sidecar_json(tmp_path):
     import math
     f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     assert prior.alphas_cumprod[0].item() == pytest.approx(f(1 / 1000) / f(0), rel=1e-12)
+    # A head count alone (the README's 128x128 flags) means num_head_channels=-1, guided-diffusion's default.
+    alone = adm_config_from_state_dict(state, **adm_config_from_flags(read_adm_flags("--num_heads 4 --batch_size 4")))
+    assert (alone.num_heads, alone.num_head_channels) == (4, -1)
     (tmp_path / "net.json").write_text(json.dumps(read_adm_flags(flags)))
     sidecar = load_adm_checkpoint(tmp_path / "net.safetensors", class_label=3)
     torch.testing.assert_close(sidecar.alphas_cumprod, prior.alphas_cumprod)

@@ -380,7 +380,10 @@ _FLAG_FIELDS = {"num_channels": "model_channels", "num_res_blocks": "num_res_blo
 # Flags that shape the schedule or only the training run; accepted and not needed for the network.
 _FLAG_IGNORED = {"dropout", "use_checkpoint", "use_fp16", "use_kl", "rescale_timesteps", "rescale_learned_sigmas",
                  "timestep_respacing", "learn_sigma", "class_cond", "diffusion_steps", "noise_schedule",
-                 "predict_xstart", "sigma_small", "channel_mult", "attention_resolutions"}
+                 "predict_xstart", "sigma_small", "channel_mult", "attention_resolutions",
+                 # sampling-script flags that often travel with the model flags (guided-diffusion, DPS configs)
+                 "batch_size", "num_samples", "use_ddim", "clip_denoised", "model_path", "classifier_path",
+                 "classifier_scale"}
 
 
 def _as_bool(value) -> bool:
