@@ -165,6 +165,10 @@ def test_adm_errors_name_the_file_the_key_and_the_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.pt: checkpoint does not fit ADMUNet: 1 shape mismatch.*"
                                          r"middle_block\.1\.qkv\.weight \(checkpoint \(189, 64, 1\), network \(192, 64, 1\)\)"):
         load_adm_checkpoint(tmp_path / "bad.pt", num_head_channels=32, class_label=0)
+    torch.save({**state, "input_blocks.3.0.stray": torch.zeros(2)}, tmp_path / "stray.pt")
+    with pytest.raises(ValueError, match=r"stray\.pt: checkpoint does not fit ADMUNet: 1 unexpected key\(s\): "
+                                         r"input_blocks\.3\.0\.stray\. "):
+        load_adm_checkpoint(tmp_path / "stray.pt", num_head_channels=32, class_label=0)
     torch.save(state, tmp_path / "good.pt")
     with pytest.raises(ValueError, match=r"good\.pt: the configuration says model_channels=64 but the weights say 32"):
         load_adm_checkpoint(tmp_path / "good.pt", config={"num_channels": 64}, class_label=0)

@@ -338,7 +338,8 @@ def adm_config_from_state_dict(state: Mapping[str, torch.Tensor], *, source="che
                                    conv_resample=down in ("res", "resample")))
     if not candidates:
         raise ValueError(f"{source}: {n_in} input blocks fit no ADM UNet structure; not a guided-diffusion UNet")
-    inferred = next((c for c in candidates if _has_layout(ADMConfig(**c), state)), candidates[-1])
+    # Exact fit first; else the closest, so that loading names the few keys that differ.
+    inferred = min(candidates, key=lambda c: _layout_mismatch(ADMConfig(**c), state))
     channel_mult = inferred["channel_mult"]
     if int(channel_mult[0] * model_channels) != model_channels_0:
         raise ValueError(f"{source}: input_blocks.0.0.weight has {model_channels_0} rows; expected "
@@ -357,15 +358,16 @@ def adm_config_from_state_dict(state: Mapping[str, torch.Tensor], *, source="che
     return ADMConfig(**inferred, **extra)
 
 
-def _has_layout(config: ADMConfig, state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``ADMUNet(config)`` has exactly the keys and shapes of ``state`` (built on the meta device)."""
+def _layout_mismatch(config: ADMConfig, state: Mapping[str, torch.Tensor]) -> int:
+    """How many keys ``ADMUNet(config)`` and ``state`` do not share with equal shapes (built on the meta device)."""
     try:
         with torch.device("meta"):
             net = ADMUNet(dataclasses.replace(config, num_heads=1, num_head_channels=-1, num_heads_upsample=-1))
     except (ValueError, RuntimeError):
-        return False
+        return len(state) + 1
     own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    return own == {k: tuple(v.shape) for k, v in state.items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    return len(set(own.items()) ^ set(theirs.items()))
 
 
 def _normal(value):
