@@ -286,7 +286,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (created if missing)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from invdiff.compare import resolve_device
+    from invdiff.tasks import resolve_device
     from invdiff.registry import check_solver_names
 
     solvers = check_solver_names(args.solvers.split(","))

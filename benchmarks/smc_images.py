@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. the settings compared)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from invdiff.compare import resolve_device
+    from invdiff.tasks import resolve_device
 
     names = parse_tasks(args.tasks)
     if args.tag and not all(c.isalnum() or c in "._-" for c in args.tag):

@@ -43,10 +43,10 @@ import torch
 import invdiff
 from invdiff import settings
 from invdiff.errors import InputError, UnsupportedOperatorError
-from invdiff.io import atomic_open, atomic_write_json
+from invdiff.io import atomic_open, atomic_write_json, jsonable
 from invdiff.registry import check_solver_names, needs_prior
 from invdiff.samplers._common import timed
-from invdiff.tasks import Task, solve
+from invdiff.tasks import Task, resolve_device, solve
 
 log = logging.getLogger(__name__)
 
@@ -320,19 +320,6 @@ def compare_scan(scan: str | Path, solvers: Sequence[str], accelerations: Sequen
                             info={"scan": str(scan), "device": str(torch_device)}, figures=figures)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; :class:`InputError` for CUDA without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device: expected auto, cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 # ---- writing ---------------------------------------------------------------------------------------------
 def write_reconstructions(path: str | Path, tasks: Sequence[Task], rows: Sequence[SolverRow]) -> Path:
     """Targets and reconstructions as float32 (images, H, W) arrays keyed ``"<task>/target"``, ``"<task>/<solver>"``
@@ -368,24 +355,7 @@ def prior_record(prior) -> dict:
             "steps_trained": metadata.get("steps")}
 
 
-def jsonable(value):
-    """``value`` with numpy scalars, paths, devices and non-finite floats made JSON-safe (recursively)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (Path, torch.device, torch.dtype)):
-        return str(value)
-    return repr(value)
-
-
 __all__ = ["SolverRow", "ComparisonReport", "compare_scan", "compare_problems", "run_solver", "set_overrides",
-           "parse_solver_list", "parse_accelerations", "resolve_prior", "resolve_device", "check_prior_fits",
-           "write_metrics_csv", "write_reconstructions", "prior_record", "jsonable", "CSV_COLUMNS",
+           "parse_solver_list", "parse_accelerations", "resolve_prior", "check_prior_fits",
+           "write_metrics_csv", "write_reconstructions", "prior_record", "CSV_COLUMNS",
            "DEFAULT_SOLVERS", "DEFAULT_MRI_PRIOR"]

@@ -13,6 +13,7 @@ killed mid-write leaves at most a hidden ``.NAME.XXXXXXXX.tmp.EXT`` file, never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from contextlib import contextmanager
@@ -112,3 +113,21 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def jsonable(value):
+    """``value`` with numpy scalars, paths, torch devices / dtypes and non-finite floats (-> None) made JSON-safe,
+    recursively; anything else becomes its ``repr``."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:     # numpy scalars
+        return jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path) or type(value).__module__ == "torch":
+        return str(value)
+    return repr(value)

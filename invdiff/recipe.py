@@ -1,6 +1,8 @@
 """What the scripts in ``recipes/`` share: a dataclass config read from the command line, and their ``main``.
 
-A recipe is ``Config`` (one field per option, ``--field-name VALUE``) plus ``run(config) -> ComparisonReport``.
+A recipe is ``Config`` (a :class:`RecipeConfig` with its data fields added; one field per option,
+``--field-name VALUE``), ``build_tasks(config, device)`` and ``stand_in(config, tasks)`` (its ``--tiny`` prior);
+:func:`run_comparison` does the rest.
 Options are typed from the defaults: bool -> ``--x / --no-x``; tuple -> comma-separated values of its first
 element's type, and the option may be repeated (``--set dps:zeta=3 --set reddiff:lam=50``, the one override syntax
 of :func:`invdiff.settings.parse_set`); None -> text (or ``none``); int / float / str as they are.
@@ -16,6 +18,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    """The options every comparison recipe has; a recipe's ``Config`` subclasses it (redeclaring a field gives it
+    the recipe's default) and adds where its data come from."""
+
+    out: str = "runs/recipe"
+    solvers: tuple[str, ...] = ("reddiff", "dps", "diffpir", "ddrm", "cg-sense", "l1-wavelet", "tv")
+    steps: int = 100
+    prior: str = "brain-mri-complex"             # shipped name, exported path, or "analytic" (the --tiny stand-in)
+    set: tuple[str, ...] = ()                    # SOLVER:NAME=VALUE (repeatable or comma-separated)
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0                             # torch intra-op threads (0: torch's default)
+    tiny: bool = False
 
 
 class _Extend(argparse.Action):
@@ -85,7 +103,7 @@ def prepare(config):
     """What every recipe does first: ``torch.set_num_threads(config.threads)`` when set, and the device."""
     import torch
 
-    from invdiff.compare import resolve_device
+    from invdiff.tasks import resolve_device
 
     if getattr(config, "threads", 0):
         torch.set_num_threads(config.threads)        # one thread: tiny tensors on a shared machine run faster
@@ -116,6 +134,15 @@ def stand_in_prior(shape, source: str | Path, *, key: str, factor: int = 1, excl
     return empirical_gaussian_prior(kept, shape, percentile=percentile)
 
 
+def run_comparison(config: RecipeConfig, build_tasks: Callable, stand_in: Callable, *, title: str, recipe: str):
+    """Threads and device, ``build_tasks(config, device)``, the prior (``stand_in(config, tasks)`` for
+    ``--prior analytic``, else a shipped name or exported path), then :func:`compare`."""
+    device = prepare(config)
+    tasks = build_tasks(config, device)
+    prior = stand_in(config, tasks) if config.prior == "analytic" else resolve_prior(config.prior, device)
+    return compare(config, tasks, prior, title=title, recipe=recipe)
+
+
 def compare(config, tasks, prior, *, title: str, recipe: str):
     """:func:`invdiff.compare.compare_problems` with the config's solvers, seed, steps and ``--set`` overrides."""
     from invdiff.compare import compare_problems
@@ -136,4 +163,4 @@ def run_recipe(config_type, run: Callable, argv: Sequence[str] | None = None, de
     return report
 
 
-__all__ = ["config_parser", "parse_config", "repository_path", "prepare", "resolve_prior", "stand_in_prior", "compare", "run_recipe"]
+__all__ = ["RecipeConfig", "run_comparison", "config_parser", "parse_config", "repository_path", "prepare", "resolve_prior", "stand_in_prior", "compare", "run_recipe"]

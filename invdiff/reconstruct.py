@@ -17,11 +17,11 @@ import numpy as np
 
 import invdiff
 from invdiff import metrics, settings
-from invdiff.compare import prior_record, resolve_device, resolve_prior
+from invdiff.compare import prior_record, resolve_prior
 from invdiff.errors import InputError
 from invdiff.registry import check_solver_names, needs_prior
 from invdiff.tasks import scan as scan_tasks
-from invdiff.tasks.base import solve
+from invdiff.tasks.base import resolve_device, solve
 
 log = logging.getLogger(__name__)
 

@@ -29,21 +29,14 @@ from invdiff.tasks import block_average, ct_task
 
 
 @dataclass
-class Config:
+class Config(recipe.RecipeConfig):
     data: str = "data/ct_samples.h5"             # relative paths are tried from the cwd, then the repository
     out: str = "runs/compare_ct"
     phantoms: tuple[int, ...] = (3,)             # in the file: 0 shepp_logan, 1-2 ellipses, 3 thorax, 4 resolution
     size: int = 128
     views: tuple[int, ...] = (30, 60)
     noise_fraction: float = 0.01
-    solvers: tuple[str, ...] = ("reddiff", "dps", "diffpir", "ddrm", "cg-sense", "l1-wavelet", "tv")
-    steps: int = 100
     prior: str = "ct-phantom"                    # shipped name, exported path, or "analytic"
-    set: tuple[str, ...] = ()                    # SOLVER:NAME=VALUE (repeatable or comma-separated)
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0                             # torch intra-op threads (0: torch's default)
-    tiny: bool = False
 
     def tiny_variant(self) -> "Config":
         """Seconds-long smoke run: one 32 x 32 phantom at 8 and 16 views, analytic prior, 30 steps."""
@@ -62,20 +55,23 @@ def load_phantoms(config: Config) -> tuple[np.ndarray, list[str]]:
     return chosen, [names[i] for i in config.phantoms]
 
 
-def run(config: Config):
-    device = recipe.prepare(config)
+def build_tasks(config: Config, device):
     images, names = load_phantoms(config)
     tasks = [ct_task(images, views, noise_fraction=config.noise_fraction, seed=config.seed, device=device)
              for views in config.views]
     for task in tasks:
         task.info["phantoms"] = names
-    if config.prior == "analytic":     # fitted on the other phantoms of the file, never on the test ones
-        size = tasks[0].in_shape[-1]
-        prior = recipe.stand_in_prior(tasks[0].in_shape, config.data, key="images", factor=256 // size,
-                                      exclude=config.phantoms, percentile=None)
-    else:
-        prior = recipe.resolve_prior(config.prior, device)
-    return recipe.compare(config, tasks, prior, title="CT", recipe="recipes/compare_ct.py")
+    return tasks
+
+
+def stand_in(config: Config, tasks):
+    """The --tiny prior, fitted on the other phantoms of the file (never the test ones), on the fixed CT scale."""
+    return recipe.stand_in_prior(tasks[0].in_shape, config.data, key="images", factor=256 // config.size,
+                                 exclude=config.phantoms, percentile=None)
+
+
+def run(config: Config):
+    return recipe.run_comparison(config, build_tasks, stand_in, title="CT", recipe="recipes/compare_ct.py")
 
 
 def main(argv=None):

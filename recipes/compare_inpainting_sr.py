@@ -27,7 +27,7 @@ from invdiff.tasks import block_average, inpainting_task, superres_task
 
 
 @dataclass
-class Config:
+class Config(recipe.RecipeConfig):
     scan: str = "data/brain_t1_multicoil.h5"     # its reconstruction_rss slice 0 is the image
     out: str = "runs/compare_inpainting_sr"
     size: int = 192                              # block-average the 192 x 192 image to this size (192: native)
@@ -36,37 +36,34 @@ class Config:
     sr_factor: int = 4
     noise_fraction: float = 0.01
     solvers: tuple[str, ...] = ("reddiff", "dps", "diffpir", "ddrm", "tv", "l1-wavelet")
-    steps: int = 100
-    prior: str = "brain-mri-complex"             # shipped name, exported path, or "analytic"
-    set: tuple[str, ...] = ()                    # SOLVER:NAME=VALUE (repeatable or comma-separated)
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0                             # torch intra-op threads (0: torch's default)
-    tiny: bool = False
 
     def tiny_variant(self) -> "Config":
         """Seconds-long smoke run: the slice block-averaged to 32 x 32, analytic prior, 30 steps."""
         return replace(self, prior="analytic", steps=30, threads=1, size=32)
 
 
-def run(config: Config):
-    device = recipe.prepare(config)
+def build_tasks(config: Config, device):
     with h5py.File(recipe.repository_path(config.scan), "r") as h5:
         image = block_average(h5["reconstruction_rss"][0], config.size)
     shape = tuple(image.shape)
     common = {"noise_fraction": config.noise_fraction, "seed": config.seed, "device": device}
-    tasks = [
+    return [
         inpainting_task(image, random_pixel_mask(shape, config.observed_fraction, generator=config.seed),
                         name="inpaint-random", **common),
         inpainting_task(image, box_mask(shape, fraction=config.box_fraction), name="inpaint-box", **common),
         superres_task(image, config.sr_factor, name=f"sr-{config.sr_factor}x", **common),
     ]
-    if config.prior == "analytic":     # fitted on the multislice sample (another subject), not on the test image
-        prior = recipe.stand_in_prior(tasks[0].in_shape, "data/brain_multislice_multicoil.h5",
-                                      key="reconstruction_rss", factor=2 if config.size < 96 else 1)
-    else:
-        prior = recipe.resolve_prior(config.prior, device)
-    return recipe.compare(config, tasks, prior, title="brain T1", recipe="recipes/compare_inpainting_sr.py")
+
+
+def stand_in(config: Config, tasks):
+    """The --tiny prior, fitted on the multislice sample (another subject), never on the test image."""
+    return recipe.stand_in_prior(tasks[0].in_shape, "data/brain_multislice_multicoil.h5", key="reconstruction_rss",
+                                 factor=2 if config.size < 96 else 1)
+
+
+def run(config: Config):
+    return recipe.run_comparison(config, build_tasks, stand_in, title="brain T1",
+                                 recipe="recipes/compare_inpainting_sr.py")
 
 
 def main(argv=None):

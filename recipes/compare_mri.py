@@ -28,21 +28,12 @@ from invdiff.tasks import block_average, scan_tasks
 
 
 @dataclass
-class Config:
+class Config(recipe.RecipeConfig):
     scan: str = "data/brain_t1_multicoil.h5"        # relative paths are tried from the cwd, then the repository
     out: str = "runs/compare_mri"
     accelerations: tuple[int, ...] = (4, 8)
     center_fraction: float = 0.0                     # 0: fastMRI's (0.08 at 4x, 0.04 at 8x)
-    solvers: tuple[str, ...] = ("reddiff", "dps", "diffpir", "ddrm", "cg-sense", "l1-wavelet", "tv")
-    steps: int = 100
-    prior: str = "brain-mri-complex"                 # shipped name, exported path, or "analytic" (a Gaussian
-                                                     # prior fitted on the multislice sample)
     slices: str = "all"                              # "all" or python-style "a:b"
-    set: tuple[str, ...] = ()                        # SOLVER:NAME=VALUE (repeatable or comma-separated)
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0                                 # torch intra-op threads (0: torch's default)
-    tiny: bool = False
 
     def tiny_variant(self) -> "Config":
         """Seconds-long smoke run: a 48 x 48 synthetic 4-coil scan of the brain slice, analytic prior, 30 steps."""
@@ -59,17 +50,21 @@ def tiny_scan(config: Config) -> Path:
     return path
 
 
-def run(config: Config):
-    device = recipe.prepare(config)
+def build_tasks(config: Config, device):
     scan = tiny_scan(config) if config.tiny else recipe.repository_path(config.scan)
-    tasks = scan_tasks(scan, config.accelerations, slices=config.slices, device=device,
-                       center_fraction=config.center_fraction or None)
-    if config.prior == "analytic":     # fitted on the multislice sample (another subject), not on the test image
-        prior = recipe.stand_in_prior(tasks[0].in_shape, "data/brain_multislice_multicoil.h5",
-                                      key="reconstruction_rss", factor=2)
-    else:
-        prior = recipe.resolve_prior(config.prior, device)
-    return recipe.compare(config, tasks, prior, title=f"MRI {Path(scan).name}", recipe="recipes/compare_mri.py")
+    return scan_tasks(scan, config.accelerations, slices=config.slices, device=device,
+                      center_fraction=config.center_fraction or None)
+
+
+def stand_in(config: Config, tasks):
+    """The --tiny prior, fitted on the multislice sample (another subject), never on the test image."""
+    return recipe.stand_in_prior(tasks[0].in_shape, "data/brain_multislice_multicoil.h5", key="reconstruction_rss",
+                                 factor=2)
+
+
+def run(config: Config):
+    return recipe.run_comparison(config, build_tasks, stand_in, title=f"MRI {Path(config.scan).name}",
+                                 recipe="recipes/compare_mri.py")
 
 
 def main(argv=None):

@@ -12,14 +12,14 @@ are written once.
     >>> solution.image                                               # (H_r, W_r) float32, the scan's units
 """
 from invdiff.tasks.base import (SEED_STRIDE, Solution, Task, TaskImage, image_generator, magnitude_image,
-                                prior_at_spacing, problem_fingerprint, real_image, solve)
+                                prior_at_spacing, problem_fingerprint, real_image, resolve_device, solve)
 from invdiff.tasks.images import block_average, ct_task, image_stack, inpainting_task, superres_task
 from invdiff.tasks.scan import (MASK_KINDS, NORMALISATION_PERCENTILE, calibration_width, default_center_fraction,
                                 estimate_noise_sigma, parse_slices, pixel_spacing_mm, scan_images, scan_mask,
                                 scan_slice, scan_tasks)
 
 __all__ = ["SEED_STRIDE", "Solution", "Task", "TaskImage", "image_generator", "magnitude_image", "prior_at_spacing",
-           "problem_fingerprint", "real_image", "solve", "block_average", "ct_task", "image_stack",
+           "problem_fingerprint", "real_image", "resolve_device", "solve", "block_average", "ct_task", "image_stack",
            "inpainting_task", "superres_task", "MASK_KINDS", "NORMALISATION_PERCENTILE", "calibration_width",
            "default_center_fraction", "estimate_noise_sigma", "parse_slices", "pixel_spacing_mm", "scan_images",
            "scan_mask", "scan_slice", "scan_tasks"]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from invdiff.errors import InputError
 from invdiff.problem import InverseProblem
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,19 @@ log = logging.getLogger(__name__)
 # Image i of a run with seed s gets its own generator seeded s * SEED_STRIDE + i (i = slice index for scans), so
 # every solver sees the same noise for the same image whatever the batch, the slice range or the other solvers.
 SEED_STRIDE = 1_000_003
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; :class:`InputError` for CUDA without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device: expected auto, cpu or cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
 def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
