@@ -161,7 +161,8 @@ def test_registry_call_equals_direct_call_and_signature_is_the_schema():
     assert torch.equal(via_registry.x, direct.x)
     assert get_sampler("reddiff").metadata["kind"] == "diffusion"
     assert hyperparameters(sample_reddiff) == {"steps": 100, "lr": 0.05, "lam": 100.0, "init": "pinv",
-                                               "sigma_max": None, "sigma_min": None, "time_order": "descending"}
+                                               "sigma_max": None, "sigma_min": None, "time_order": "descending",
+                                               "weighting": "snr", "antithetic": False}
 
 
 def test_initialisations():

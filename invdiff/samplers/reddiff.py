@@ -82,6 +82,24 @@ an annealing of the same objective: its end point depends on ``lr`` and ``steps`
 point of the averaged objective (the descending sweep is the paper's and the reference code's choice). The oracle
 test therefore checks ``mu*`` with ``time_order="random"``; see ``tests/test_reddiff.py``.
 
+Reaching the posterior mean of a Gaussian prior (``weighting="score"``, ``antithetic=True``)
+-----------------------------------------------------------------------------------------
+With the paper's ``w(s) = s`` the regulariser above is ``lam mean_t s_t^2 (S + s_t^2 I)^-1``: close to ``lam I`` in
+every direction whose prior variance is below most of the grid's ``s_t^2``, so it ignores the prior's correlations
+and cannot equal ``S^-1`` for any lam. Measured on a 16 x 16 squared-exponential Gaussian prior (d = 256, 40 % of
+pixels observed, sigma_y 0.05): the fixed point ``mu*`` is 2.9 to 4.5 posterior std (``||mu - m_post|| /
+sqrt(tr C_post)``) from the posterior mean for lam from 1 to 1e5, and the descending sweep's best end point over
+steps 100..3000, lr 0.003..0.1, lam 1..1e4 is 0.80 (defaults: 2.0). ``weighting="score"`` uses
+``w(s) = 1 / s`` instead, so the prior gradient is ``lam (mu - D(mu + s eps, s)) / s^2``, whose expectation for a
+Gaussian prior is ``lam (S + s^2 I)^-1 (mu - m) = -lam grad log p_s(mu)``: at each level the iteration is gradient
+descent on ``data + lam (-log p_s)``, and with lam = 1 its stationary point is the posterior mean under the prior
+diffused to ``s``, which tends to the exact posterior mean as the sweep reaches ``sigma_min``. Its noise
+``lam D'(.) eps / s`` grows like ``1 / s``; ``antithetic=True`` evaluates ``D`` at ``mu + s eps`` and
+``mu - s eps`` and averages (two prior calls per step), which removes the noise exactly for an affine D (Gaussian
+priors) and its odd-order part in general. Measured on the same case (lam 1): 0.13 / 0.022 / 0.010 posterior std at
+100 / 300 / 1000 steps with lr 0.01 / 0.003 / 0.003 (without the antithetic pair 0.84 at best, the noise wins).
+The defaults stay the paper's (``weighting="snr"``, no pair): the image-task settings are tuned for them.
+
 RED-Diff is mode-seeking: on a two-mode mixture each seed ends near one mode, with too little spread, and the
 share of seeds per mode follows the optimisation path rather than the posterior weights
 (``benchmarks/reddiff_oracle.py``). ``A^+ y`` amplifies noise along weakly measured directions, which can push
@@ -104,6 +122,7 @@ from invdiff.schedules import karras
 log = logging.getLogger(__name__)
 
 TIME_ORDERS = ("descending", "random")
+WEIGHTINGS = ("snr", "score")
 ADAM_BETAS = (0.9, 0.99)     # the paper's choice (Adam's default beta2 is 0.999)
 
 
@@ -123,7 +142,9 @@ def noise_levels(steps: int, sigma_min: float, sigma_max: float, time_order: str
     return grid[order]
 
 
-def _check_arguments(steps, lr, lam, time_order, sigma_min, sigma_max) -> None:
+def _check_arguments(steps, lr, lam, time_order, sigma_min, sigma_max, weighting="snr") -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not lr > 0:
@@ -139,14 +160,18 @@ def _check_arguments(steps, lr, lam, time_order, sigma_min, sigma_max) -> None:
 @register_sampler("reddiff", kind="diffusion")
 def sample_reddiff(problem: InverseProblem, prior, *, steps: int = 100, lr: float = 0.05, lam: float = 100.0,
                    init: str = "pinv", sigma_max: float | None = None, sigma_min: float | None = None,
-                   time_order: str = "descending", generator=None, callback=None) -> SampleResult:
+                   time_order: str = "descending", weighting: str = "snr", antithetic: bool = False,
+                   generator=None, callback=None) -> SampleResult:
     """RED-Diff: Adam on ``||y - A mu||^2 / (2 sigma_y^2) + lam sigma_t <sg(eps_hat - eps), mu>``, sigma_t descending.
 
     problem: y (B, ...) with operator acting on (B, C, H, W) real images (complex MRI: C = 2); prior: a
     denoiser ``D(x, sigma)``; sigma_max / sigma_min default to the prior's. ``generator``: a
     ``torch.Generator`` (or one per image) driving every eps draw (and the levels when
-    ``time_order="random"``). mu is kept in float32, or float64 when y is float64; the prior runs in its own
-    dtype. Returns ``SampleResult(x=mu)`` with diagnostics ``nfe`` (= steps), ``seconds`` (all of it),
+    ``time_order="random"``). weighting: "snr" (the paper's ``lambda_t = lam sigma_t``) or "score"
+    (``lambda_t = lam / sigma_t``: the prior gradient is lam times minus the diffused prior's score; use lam 1;
+    module docstring); antithetic: average D over ``mu +- sigma eps`` (two prior calls per step). mu is kept in
+    float32, or float64 when y is float64; the prior runs in its own dtype. Returns ``SampleResult(x=mu)`` with
+    diagnostics ``nfe`` (= steps; 2 steps with the antithetic pair), ``seconds`` (all of it),
     ``network_seconds`` (inside the prior), ``init_seconds`` (computing mu_0), and per step ``sigmas``, ``loss_data`` (the summed data term) and ``loss_prior``
     (the surrogate ``lam w <sg(eps_hat - eps), mu>``), each averaged over the batch.
 
@@ -154,7 +179,7 @@ def sample_reddiff(problem: InverseProblem, prior, *, steps: int = 100, lr: floa
     """
     sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
     sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
-    _check_arguments(steps, lr, lam, time_order, sigma_min, sigma_max)
+    _check_arguments(steps, lr, lam, time_order, sigma_min, sigma_max, weighting)
     steps = int(steps)
     state_dtype = torch.promote_types(problem.y.dtype, torch.float32)
     with timed(problem.y) as wall:
@@ -172,8 +197,13 @@ def sample_reddiff(problem: InverseProblem, prior, *, steps: int = 100, lr: floa
                 eps = randn_like(mu, generator)
                 x_t = mu + sigma * eps                                             # x_t = mu + sigma_t eps
                 x0_hat = call_prior(prior, x_t, expand_sigma(sigma, mu), calls)    # D(x_t, sigma_t), no backprop
-                # lam w(sigma) (eps_hat - eps) with eps_hat = (x_t - x0_hat) / sigma and w(sigma) = sigma
+                if antithetic:                                                     # the pair mu -+ sigma eps
+                    x0_hat = (x0_hat + call_prior(prior, mu - sigma * eps, expand_sigma(sigma, mu), calls)) / 2
+                # lam w(sigma) (eps_hat - eps) with eps_hat = (x_t - x0_hat) / sigma: w = sigma ("snr") gives
+                # lam (mu - D); w = 1 / sigma ("score") gives lam (mu - D) / sigma^2, -lam grad log p_sigma on average
                 prior_gradient = lam * (mu - x0_hat)
+                if weighting == "score":
+                    prior_gradient = prior_gradient / sigma ** 2
             data = batch_sum(problem.residual(mu) ** 2) / (2 * problem.sigma_y ** 2)   # ||y - A mu||^2 / 2 sigma_y^2
             surrogate = batch_sum(prior_gradient * mu)                                  # <sg(.), mu>
             optimiser.zero_grad(set_to_none=True)
@@ -186,7 +216,8 @@ def sample_reddiff(problem: InverseProblem, prior, *, steps: int = 100, lr: floa
     diagnostics = {
         "nfe": calls.nfe, "seconds": wall.seconds, "network_seconds": calls.seconds,
         "init_seconds": init_time.seconds, "steps": steps,
-        "lr": lr, "lam": lam, "init": init, "time_order": time_order,
+        "lr": lr, "lam": lam, "init": init, "time_order": time_order, "weighting": weighting,
+        "antithetic": antithetic,
         "sigma_min": sigma_min, "sigma_max": sigma_max, "sigmas": sigmas.tolist(),
         "loss_data": loss_data.mean(dim=1).tolist(), "loss_prior": loss_prior.mean(dim=1).tolist(),
     }
