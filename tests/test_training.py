@@ -424,3 +424,39 @@ def test_whole_slice_views_show_the_whole_slice(tmp_path):
     assert (x[:, 0, 0, :].mean(dim=1) < 0.1).all()                   # the dark margin all round
     with pytest.raises(ValueError, match="whole-slice"):
         data.make_source(f"folder:{tmp_path}:whole-slice=lots", channels=1, size=16, batch=1)
+
+
+def test_cli_trains_on_pngs_and_on_fastmri_files_then_reconstructs_with_the_result(tmp_path, monkeypatch):
+    # The user-data path of the issue: `invdiff train-prior --data folder:DIR | fastmri:DIR`, then `invdiff
+    # reconstruct --prior <export>.json` on a fastMRI file. A few steps at 16 px: this checks the wiring, not quality.
+    from PIL import Image
+
+    from invdiff.cli import main
+    from invdiff.datasets.synthetic import write_fake_fastmri
+
+    monkeypatch.setattr(T, "SIGMA_DATA_IMAGES", 16)
+    rng = np.random.RandomState(0)
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for k in range(3):
+        Image.fromarray((rng.rand(24, 20) * 255).astype(np.uint8)).save(pngs / f"{k}.png")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for k in range(2):
+        write_fake_fastmri(scans / f"file{k}.h5", rng.rand(2, 32, 32).astype(np.float32), num_coils=2, seed=k)
+    (scans / "README.txt").write_text("not a scan")
+    tiny = ["--size", "16", "--steps", "2", "--batch", "2", "--base-channels", "8", "--channel-mults", "1,2",
+            "--log-every", "1", "--no-progress", "--channels", "2"]
+    for name, data_spec in (("png", f"folder:{pngs}"), ("fastmri", f"fastmri:{scans}:whole-slice=0.5")):
+        rc = main(["train-prior", "--data", data_spec, "--out", str(tmp_path / name), "--export", name,
+                   "--spacing-conditioning", *tiny])
+        assert rc == 0, name
+        meta = json.loads((tmp_path / name / "export" / f"{name}.json").read_text())
+        assert meta["steps"] == 2 and meta["data"] == data_spec and meta["spacing_conditioning"]
+    out = tmp_path / "r.h5"
+    rc = main(["reconstruct", str(scans / "file0.h5"), "--solver", "reddiff", "--steps", "2", "--slices", "0:1",
+               "--center-fraction", "0.2",
+               "--prior", str(tmp_path / "fastmri" / "export" / "fastmri.json"), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    with h5py.File(out, "r") as f:
+        assert f["reconstruction"].shape[0] == 1 and np.isfinite(f["reconstruction"][()]).all()
