@@ -42,3 +42,14 @@ def test_readme_main_job_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert Path(argv[out_index]).exists()
     assert "PSNR" in result.stdout
+
+
+def test_readme_tour_runs(monkeypatch):
+    """The Python tour runs as written (from the repository root, where its sample paths point)."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert blocks, "README has no python tour"
+    monkeypatch.chdir(REPO)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md tour", "exec"), namespace)
+    assert namespace["result"].x.shape == (1, 2, 320, 320)
+    assert namespace["solution"].image.shape == (192, 192)
