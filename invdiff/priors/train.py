@@ -372,7 +372,7 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
     """
     from safetensors.torch import save_file
 
-    from invdiff.datasets.training import normalisation_for
+    from invdiff.datasets.training import make_source, normalisation_for
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint = run_dir / CHECKPOINT
@@ -389,9 +389,15 @@ def export_prior(run_dir, out_dir, name: str) -> Path:
     config = state.config
     normalisation = normalisation_for(config.data)
     net_config = state.net.config
+    try:            # what the data source says about itself (real volumes used, spacing range, ...)
+        source_metadata = make_source(config.data, channels=config.channels, size=config.size,
+                                      batch=config.batch).metadata()
+    except ValueError as err:       # e.g. a folder that has gone since training
+        source_metadata = {"unavailable": str(err)}
     meta = {
         "name": name, "format": FORMAT_VERSION, "architecture": "EDMUNet",
-        "unet": state.net.config.to_dict(), "data": config.data, "channels": config.channels,
+        "unet": state.net.config.to_dict(), "data": config.data, "data_source": source_metadata,
+        "channels": config.channels,
         "normalisation": normalisation, "train_size": config.size, "batch": config.batch, "lr": config.lr,
         "lr_schedule": config.lr_schedule, "lr_decay_steps": config.lr_decay_steps or config.steps,
         "lr_floor": config.lr_floor, "sigma_data": net_config.sigma_data,
