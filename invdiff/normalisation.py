@@ -18,6 +18,7 @@ Complex images (C = 2, real/imag) use the modulus of the pair, so the scale does
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -90,7 +91,14 @@ def normalise(problem: InverseProblem, scale: float | None = None, *, reference:
     scale = float(scale)
     if not 0 < scale < float("inf"):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return InverseProblem(problem.operator, problem.y / scale, float(problem.sigma_y) / scale), scale
+    acquisition = problem.acquisition
+    if acquisition is not None:                 # more data arrive in the same, scaled units
+        acquisition = functools.partial(_scaled_acquisition, acquisition, scale)
+    return InverseProblem(problem.operator, problem.y / scale, float(problem.sigma_y) / scale, acquisition), scale
+
+
+def _scaled_acquisition(acquisition, scale: float, mask):
+    return acquisition(mask) / scale
 
 
 def denormalise(result: SampleResult | torch.Tensor, scale: float) -> SampleResult | torch.Tensor:

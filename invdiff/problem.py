@@ -4,8 +4,9 @@ Measurement noise lives here, not in the operator: the same operator serves nois
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -24,6 +25,11 @@ class InverseProblem:
     ``mu_y(x) = ||A x - y||^2 / (2 sigma_y^2)`` is summed over every entry of one batch element, so the
     balance between data and prior does not depend on how many measurements there are.
 
+    ``acquisition`` (optional) is how an active solver gets more data: ``acquisition(mask) -> y`` returns the
+    measurements of ``operator.replace(mask=mask)`` in this problem's units (the same normalisation as ``y``),
+    reading nothing outside ``mask``; retrospectively from a fully sampled scan
+    (:class:`invdiff.tasks.scan.RetrospectiveAcquisition`), or a scanner's own. None: no more data to be had.
+
     >>> problem = InverseProblem(op, y, sigma_y=0.01)
     >>> problem.grad_log_likelihood(x).shape == x.shape
     True
@@ -32,6 +38,7 @@ class InverseProblem:
     operator: Operator
     y: torch.Tensor
     sigma_y: float
+    acquisition: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if not float(self.sigma_y) > 0:
@@ -52,7 +59,7 @@ class InverseProblem:
         return -self.operator.A_adjoint(self.residual(x)) / self.sigma_y ** 2
 
     def to(self, device) -> "InverseProblem":
-        return InverseProblem(self.operator.to(device), self.y.to(device), self.sigma_y)
+        return dataclasses.replace(self, operator=self.operator.to(device), y=self.y.to(device))
 
 
 def simulate(operator: Operator, x: torch.Tensor, sigma_y: float,

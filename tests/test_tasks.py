@@ -101,3 +101,23 @@ def test_seed_rule_and_slice_parsing():
     assert list(parse_slices(None, 2)) == [0, 1] == list(parse_slices("all", 2))
     with pytest.raises(InputError, match="selects no slice"):
         parse_slices("7", 5)
+
+
+def test_a_fully_sampled_slice_can_be_measured_line_by_line_and_nothing_else(tmp_path):
+    """The retrospective acquisition returns exactly the chosen columns of the slice's k-space in the problem's
+    units (so at the initial mask it reproduces y), exact zeros elsewhere, and records every request."""
+    path = tmp_path / "scan.h5"
+    write_fake_fastmri(path, _image(32, 48), num_coils=4, noise_level=0.01, seed=0)
+    with read_scan(path) as scan:
+        mask, _ = scan_mask(scan, acceleration=4, center_fraction=0.17)
+        image = scan_slice(scan, 0, mask)
+    acquisition = image.problem.acquisition
+    assert acquisition is not None
+    torch.testing.assert_close(acquisition(torch.from_numpy(mask)), image.problem.y)
+    one_line = torch.zeros(48, dtype=torch.bool)
+    one_line[5] = True
+    y = acquisition(one_line)
+    assert y.abs().sum() > 0 and torch.all(y[..., ~one_line] == 0)
+    assert len(acquisition.requests) == 2 and torch.equal(acquisition.requests[1], one_line)
+    with pytest.raises(InputError, match="columns"):
+        acquisition(torch.ones(47, dtype=torch.bool))

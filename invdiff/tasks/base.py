@@ -7,6 +7,7 @@ them with a task family (which row of :data:`invdiff.settings.TUNED` applies) an
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -138,8 +139,7 @@ def solve(image: TaskImage, solver: str, prior, hyperparameters: dict[str, Any],
     seed rule, the prior at the image's pixel spacing (diffusion solvers) or no prior (classical ones)."""
     from invdiff.registry import get_solver, needs_prior
 
-    source = image.problem
-    problem = InverseProblem(source.operator, source.y.clone(), source.sigma_y)
+    problem = dataclasses.replace(image.problem, y=image.problem.y.clone())     # no solver can change the input
     fingerprint = problem_fingerprint(problem)
     generator = image_generator(seed, image.index, problem.y.device)
     chosen_prior = prior_at_spacing(prior, image.spacing_mm) if needs_prior(solver) else None

@@ -24,6 +24,7 @@ Per slice (DESIGN.md, "Data and normalisation"):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -135,6 +136,33 @@ def check_calibration(scan, mask: np.ndarray) -> int:
     return width
 
 
+class RetrospectiveAcquisition:
+    """``measure(mask) -> y``: the lines ``mask`` selects of a fully sampled slice, divided by ``scale`` (the units of
+    the problem's ``y``), as (1, 2, [C,] H, W) real channels; every other entry is an exact zero.
+
+    It holds the whole k-space (that is what "retrospective" means) but hands out only what is asked for, and keeps
+    the masks it was asked for in ``requests``, so a test can check that an active solver read nothing it did not
+    choose. ``multicoil``: keep the coil axis (SENSE) or take coil 0 (single-coil Cartesian).
+    """
+
+    def __init__(self, kspace: torch.Tensor, scale: float, *, multicoil: bool):
+        self._kspace = kspace                      # complex (C, H, W)
+        self.scale = float(scale)
+        self.multicoil = multicoil
+        self.requests: list[torch.Tensor] = []
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        from invdiff.operators.fft import complex_to_real
+
+        mask = torch.as_tensor(mask, dtype=torch.bool, device=self._kspace.device)
+        if mask.shape[-1] != self._kspace.shape[-1]:
+            raise InputError(f"acquisition: mask has {mask.shape[-1]} columns; the scan has {self._kspace.shape[-1]}")
+        self.requests.append(mask.detach().cpu().clone())
+        chosen = torch.where(mask, self._kspace, torch.zeros((), dtype=self._kspace.dtype, device=mask.device))
+        y = complex_to_real(chosen[None] if self.multicoil else chosen[None, 0])
+        return y / self.scale
+
+
 def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str = "cpu",
                min_relative_sigma: float = 1e-4) -> TaskImage:
     """Slice ``index`` of an open :class:`invdiff.datasets.fastmri.Scan` under ``mask`` as a :class:`TaskImage`."""
@@ -165,6 +193,9 @@ def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str
         log.info("k-space noise estimate %.3g is below the floor %.3g; using the floor", sigma_kspace, sigma_floor)
         sigma_kspace = sigma_floor
     problem, scale = normalise(InverseProblem(operator, y, sigma_kspace), percentile=NORMALISATION_PERCENTILE)
+    if scan.mask is None:           # a fully sampled file: active solvers may ask for more lines
+        problem = dataclasses.replace(problem, acquisition=RetrospectiveAcquisition(
+            torch.from_numpy(np.ascontiguousarray(kspace)).to(device), scale, multicoil=scan.is_multicoil))
     recon_size = scan.recon_size
     return TaskImage(problem, scan.target(index),
                      functools.partial(magnitude_image, scale=scale, crop=recon_size,
@@ -207,6 +238,6 @@ def scan_tasks(scan_path: str | Path, accelerations: Sequence[int], *, slices: s
     return tasks
 
 
-__all__ = ["scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
+__all__ = ["RetrospectiveAcquisition", "scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
            "calibration_width", "check_calibration", "pixel_spacing_mm", "default_center_fraction",
            "STANDARD_CENTER_FRACTIONS", "NORMALISATION_PERCENTILE", "MIN_CALIBRATION_LINES", "MASK_KINDS"]
