@@ -7,10 +7,12 @@ heavy, so ``invdiff --help`` answers at once; each command imports what it needs
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import logging
 import sys
+from pathlib import Path
 
 from invdiff.errors import InputError
 
@@ -22,13 +24,27 @@ SET_HELP = ("hyperparameter of a solver, SOLVER:NAME=VALUE, typed by its signatu
             "settings of invdiff.settings, which `invdiff info SOLVER` lists")
 
 
+# On a machine with few cores, one thread per job: measured here, a 4 M-parameter UNet ran 7x slower on torch's
+# default two threads than on one while another job shared the cores (README, "Speed").
+SMALL_MACHINE_CORES = 4
+
+
+def default_threads() -> int | None:
+    """One thread on a machine with at most SMALL_MACHINE_CORES cores, else None (torch's own choice)."""
+    import os
+    return 1 if (os.cpu_count() or 1) <= SMALL_MACHINE_CORES else None
+
+
 def _set_threads(args) -> None:
-    """``--threads N``: torch's intra-op threads (one is fastest on a busy machine; torch's default otherwise)."""
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads: expected a positive integer, got {args.threads}")
+    """``--threads N``: torch's intra-op threads (``0``: torch's default; unset: :func:`default_threads`)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        threads = default_threads()
+    elif threads < 0:
+        raise InputError(f"--threads: expected 0 (torch's default) or a positive integer, got {threads}")
+    if threads:
         import torch
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
 
 
 def _cmd_list(args) -> int:
@@ -67,6 +83,11 @@ def _cmd_info(args) -> int:
         entry = registry.get_operator(name)
         print(f"operator {name} ({entry.source}.{entry.factory.__name__})")
         print(inspect.getdoc(entry.factory) or "")
+    elif Path(name).suffix in (".json", ".safetensors", ".pt", ".pth", ".ckpt") and Path(name).is_file():
+        from invdiff.compare import prior_record, resolve_prior        # a prior file that --prior would accept
+        prior = resolve_prior(name, "cpu")
+        print(json.dumps({**prior_record(prior), "metadata": getattr(prior, "metadata", None)}, indent=2,
+                         sort_keys=True, default=str))
     else:
         raise InputError(f"no operator, solver or prior named {name!r} (see `invdiff list`)")
     return 0
@@ -83,7 +104,7 @@ def _cmd_reconstruct(args) -> int:
         center_fraction=args.center_fraction, mask_kind=args.mask, slices=args.slices, device=args.device,
         seed=args.seed, png=args.png, prior=args.prior, overrides=overrides, steps=args.steps,
         progress=not args.no_progress)
-    report = reconstruct_scan_to_file(request)
+    report = reconstruct_scan_to_file(request, overwrite=args.overwrite)
     for line in report.summary_lines():
         print(line)
     return 0
@@ -114,10 +135,14 @@ def _cmd_sample_prior(args) -> int:
 
     from invdiff.compare import resolve_prior
     from invdiff.priors.unconditional import sample_unconditional, save_sample_grid
+    from invdiff.tasks import resolve_device
+
     _set_threads(args)
-    prior = resolve_prior(args.prior, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(args.seed)
-    samples = sample_unconditional(prior, args.n, args.size, steps=args.steps, generator=generator)
+    device = resolve_device(args.device)
+    prior = resolve_prior(args.prior, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    samples = sample_unconditional(prior, args.n, args.size, steps=args.steps, generator=generator,
+                                   spacing_mm=args.spacing_mm)
     if args.png:
         save_sample_grid(samples, args.png)
         print(f"wrote {args.png}")
@@ -138,33 +163,52 @@ def _add_scan_options(p: argparse.ArgumentParser, *, accel_help: str, accel_defa
     p.add_argument("--seed", type=int, default=0, help="generator seed (per slice: seed * 1000003 + slice)")
     p.add_argument("--prior", default=None, help="prior name or exported path (default: brain-mri-complex)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    _add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (a line per slice is still logged)")
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is fastest when another job shares the cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                   help=f"torch CPU threads; 0: torch's default (default: 1 on machines with <= {SMALL_MACHINE_CORES} "
+                        f"cores, where one thread per job is fastest; torch's default otherwise)")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows every default not already spelled out in the text (and keeps descriptions' line breaks)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="invdiff", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="invdiff", description=__doc__.splitlines()[0], formatter_class=_Formatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=_Formatter)
 
-    p = sub.add_parser("list", help="registered operators, solvers and priors")
+    p = add("list", help="registered operators, solvers and priors")
     p.add_argument("--plugins", help="folder of operator plugins (default: $INVDIFF_PLUGINS or ./operators)")
     p.set_defaults(run=_cmd_list)
 
-    p = sub.add_parser("info", help="details of one operator, solver or prior")
-    p.add_argument("name")
-    p.add_argument("--plugins")
+    p = add("info", help="details of one operator, solver or prior (a name, or a prior file)")
+    p.add_argument("name", help="an operator, solver or prior name (see `invdiff list`), or a prior file path")
+    p.add_argument("--plugins", help="folder of operator plugins (default: $INVDIFF_PLUGINS or ./operators)")
     p.set_defaults(run=_cmd_info)
 
-    p = sub.add_parser("reconstruct", help="reconstruct a fastMRI scan with one solver")
+    p = add("reconstruct", help="reconstruct a fastMRI scan with one solver")
     _add_scan_options(p, accel_help="acceleration for retrospective undersampling (default: 4)", accel_default=4)
     p.add_argument("--solver", default="cg-sense", help="a solver name (see `invdiff list`)")
     p.add_argument("--out", required=True, help="output .h5 (fastMRI submission format)")
     p.add_argument("--png", action="store_true", help="also save a figure next to --out (same name, .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its figure) if they exist")
     p.set_defaults(run=_cmd_reconstruct)
 
-    p = sub.add_parser("compare", help="run several solvers on identical inputs of a fastMRI scan",
+    p = add("compare", help="run several solvers on identical inputs of a fastMRI scan",
                        description="Run several solvers on identical inputs (mask, coil maps, normalisation, seed) "
                                    "of a fastMRI scan; write metrics.csv, grid-<acc>x.png and compare.json into --out.")
     _add_scan_options(p, accel_help="comma-separated accelerations, e.g. 4,8 (default: 4)", accel_default="4")
@@ -174,17 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.set_defaults(run=_cmd_compare)
 
-    p = sub.add_parser("train-prior", help="train a diffusion prior (all options: invdiff train-prior --help)",
-                       add_help=False)
+    p = add("train-prior", help="train a diffusion prior (all options: invdiff train-prior --help)", add_help=False)
     p.set_defaults(run=None, passthrough=_cmd_train_prior)
 
-    p = sub.add_parser("sample-prior", help="draw unconditional samples from a prior")
+    p = add("sample-prior", help="draw unconditional samples from a prior")
     p.add_argument("prior", help="prior name or exported prior path")
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=40, help="sampler steps")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--spacing-mm", type=float, default=None,
+                   help="pixel spacing told to a resolution-aware prior (default: the prior's own default)")
+    _add_threads(p)
     p.add_argument("--png", default=None, help="write a grid of the samples to this PNG")
     p.set_defaults(run=_cmd_sample_prior)
     return parser

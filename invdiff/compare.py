@@ -82,11 +82,13 @@ def resolve_prior(prior, device: torch.device, default: str = DEFAULT_MRI_PRIOR)
     A name or path comes from the user, so a file that cannot be loaded is bad input (:class:`InputError`).
     """
     if prior is None or isinstance(prior, (str, Path)):
+        from safetensors import SafetensorError
+
         from invdiff.priors.loading import load_prior
         try:
             return load_prior(str(prior or default), device=device)
-        except (ValueError, FileNotFoundError, IsADirectoryError) as err:
-            raise InputError(f"--prior {prior or default}: {err}") from err
+        except (ValueError, FileNotFoundError, IsADirectoryError, SafetensorError) as err:
+            raise InputError(f"--prior {prior or default}: {str(err).splitlines()[0]}") from err
     return prior.to(device)
 
 
@@ -225,7 +227,8 @@ class ComparisonReport:
         from invdiff import metrics
 
         return [self.table(), f"metrics protocol: {metrics.PROTOCOL}", f"wrote {self.metrics_csv}",
-                f"wrote {self.summary_json}", *(f"wrote {figure}" for figure in self.figures)]
+                f"wrote {self.summary_json}", f"wrote {self.out_dir / 'reconstructions.npz'} (every image, to rescore)",
+                *(f"wrote {figure}" for figure in self.figures)]
 
 
 def compare_problems(tasks: Sequence[Task], solvers: Sequence[str], out_dir: str | Path, *, prior=None,
@@ -348,11 +351,13 @@ def _file_safe(name: str) -> str:
 
 
 def prior_record(prior) -> dict:
-    """Name, sha256, class and training steps of a prior, for the records outputs keep of what ran."""
+    """Name, sha256 of the weights, class and training steps (over a warm-start chain) of a prior, for the records
+    outputs keep of what ran; an analytic prior has no weights (sha256 None, not an empty string)."""
     metadata = getattr(prior, "metadata", {}) or {}
+    steps = metadata.get("total_steps", metadata.get("steps"))
     return {"name": getattr(prior, "name", type(prior).__name__),
-            "sha256": getattr(prior, "sha256", "") or metadata.get("sha256", ""), "class": type(prior).__name__,
-            "steps_trained": metadata.get("steps")}
+            "sha256": getattr(prior, "sha256", None) or metadata.get("sha256") or None, "class": type(prior).__name__,
+            "steps_trained": steps}
 
 
 __all__ = ["SolverRow", "ComparisonReport", "compare_scan", "compare_problems", "run_solver", "set_overrides",

@@ -18,26 +18,37 @@ def _middle(volume: np.ndarray | None) -> np.ndarray | None:
 
 def save_image_grid(path, panels: list[tuple[str, np.ndarray]], *, errors_against: np.ndarray | None = None,
                     title: str = "", vmax: float | None = None) -> Path:
-    """One row of magnitude images (shared grey scale) and, given a reference, a row of |error| maps
-    (shared colour scale, so solvers compare at a glance)."""
+    """One row of magnitude images (shared grey scale, one colour bar) and, given a reference, a row of |error|
+    maps (shared colour scale and bar, so solvers compare at a glance); the reference's own panel gets no error map.
+    """
     columns = len(panels)
     rows = 2 if errors_against is not None else 1
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.7 * columns + 0.6, 2.9 * rows), squeeze=False,
+                             constrained_layout=True)
     vmax = vmax if vmax is not None else max(float(np.percentile(img, 99.5)) for _, img in panels)
     error_max = None
     if errors_against is not None:
-        error_max = max(float(np.percentile(np.abs(img - errors_against), 99.5)) for _, img in panels) or 1.0
+        others = [img for _, img in panels if img is not errors_against]
+        error_max = max((float(np.percentile(np.abs(img - errors_against), 99.5)) for img in others), default=1.0)
+        error_max = error_max or 1.0
+    shown = error = None
     for col, (label, image) in enumerate(panels):
-        axes[0, col].imshow(image, cmap="gray", vmin=0, vmax=vmax)
+        shown = axes[0, col].imshow(image, cmap="gray", vmin=0, vmax=vmax)
         axes[0, col].set_title(label, fontsize=9)
         if errors_against is not None:
-            axes[1, col].imshow(np.abs(image - errors_against), cmap="inferno", vmin=0, vmax=error_max)
-            axes[1, col].set_title(f"|error| {label}", fontsize=8)
+            if image is errors_against:
+                axes[1, col].text(0.5, 0.5, "reference", ha="center", va="center", fontsize=8,
+                                  transform=axes[1, col].transAxes)
+            else:
+                error = axes[1, col].imshow(np.abs(image - errors_against), cmap="inferno", vmin=0, vmax=error_max)
+                axes[1, col].set_title(f"|error| {label}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
+    fig.colorbar(shown, ax=list(axes[0]), shrink=0.8, label="magnitude")
+    if error is not None:
+        fig.colorbar(error, ax=list(axes[1]), shrink=0.8, label="|error|")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")

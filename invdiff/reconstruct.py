@@ -59,7 +59,8 @@ class ReconstructionReport:
     figure: Path | None = None
 
     def summary_lines(self) -> list[str]:
-        lines = [f"wrote {self.out} ({self.reconstruction.shape[0]} slices, {self.seconds:.1f} s)"]
+        count = self.reconstruction.shape[0]
+        lines = [f"wrote {self.out} ({count} slice{'s' if count != 1 else ''}, {self.seconds:.1f} s)"]
         if self.metrics is not None:
             for label, values in (("zero-filled", self.zero_filled_metrics), ("reconstruction", self.metrics)):
                 lines.append(f"{label:>15}: NMSE {values['nmse']:.4f}  PSNR {values['psnr']:.2f} dB  "
@@ -72,14 +73,24 @@ class ReconstructionReport:
         return lines
 
 
-def figure_path(request: ReconstructionRequest) -> Path:
-    """Where ``--png`` puts the figure: next to ``--out`` with the suffix ``.png``, never over it."""
+def check_output(request: ReconstructionRequest, overwrite: bool = False) -> tuple[Path, Path | None]:
+    """``--out`` (an existing folder, a ``.h5`` name, not an existing file unless ``overwrite``) and the figure
+    path; :class:`InputError` before any work, so a refused run leaves nothing behind."""
     out = Path(request.out)
-    figure = out.with_suffix(".png")
-    if figure == out:
-        raise InputError(f"--out {out}: the reconstruction is an h5 file and --png writes the figure to "
-                         f"{figure}, the same path; name the output .h5")
-    return figure
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise InputError(f"--out {out}: expected a .h5 file name (the fastMRI submission format)")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    figure = figure_path(request) if request.png else None
+    for path in (out, figure):
+        if path is not None and path.exists() and not overwrite:
+            raise InputError(f"--out: {path} exists; pass --overwrite to replace it")
+    return out, figure
+
+
+def figure_path(request: ReconstructionRequest) -> Path:
+    """Where ``--png`` puts the figure: next to ``--out`` (a ``.h5``, see :func:`check_output`) as ``.png``."""
+    return Path(request.out).with_suffix(".png")
 
 
 def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
@@ -131,6 +142,7 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
     if prior is not None:
         record = prior_record(prior)
         attrs["prior"], attrs["prior_sha256"] = record["name"], record["sha256"]
+        attrs["prior_steps_trained"] = record["steps_trained"]
     if scores is not None:
         attrs.update({f"metric_{k}": v for k, v in scores.items() if k != "protocol"})
         attrs["metrics_protocol"] = metrics.PROTOCOL
@@ -138,14 +150,12 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
                                 zf_scores, time.perf_counter() - start, attrs)
 
 
-def reconstruct_scan_to_file(request: ReconstructionRequest) -> ReconstructionReport:
-    """:func:`reconstruct_scan`, then the submission file (and figure) written atomically."""
+def reconstruct_scan_to_file(request: ReconstructionRequest, *, overwrite: bool = False) -> ReconstructionReport:
+    """:func:`reconstruct_scan`, then the submission file (and figure) written atomically; an existing output is
+    kept unless ``overwrite``."""
     from invdiff.datasets.submission import write_reconstruction
 
-    out = Path(request.out)
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist")
-    figure = figure_path(request) if request.png else None
+    out, figure = check_output(request, overwrite)
     report = reconstruct_scan(request)
     write_reconstruction(out, report.reconstruction, attrs=report.attrs)
     if figure is not None:

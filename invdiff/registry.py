@@ -96,7 +96,14 @@ def _lookup(table: dict[str, Entry], kind: str, name: str) -> Entry:
         return table[name]
     except KeyError:
         known = ", ".join(sorted(table)) or "none"
-        raise KeyError(f"unknown {kind} {name!r}; registered: {known}") from None
+        hint = ""
+        if table is _OPERATORS:
+            # Plugins are imported on request only: a library that ran code from the working directory by itself
+            # on a name it does not know would be a surprise (and a hazard).
+            folder = default_plugin_folder()
+            hint = (f"; user operators are registered by invdiff.load_plugins() (it imports "
+                    f"{folder if folder else '$INVDIFF_PLUGINS or ./operators'}); `invdiff list` does it for you")
+        raise KeyError(f"unknown {kind} {name!r}; registered: {known}{hint}") from None
 
 
 def get_operator(name: str) -> Entry:

@@ -117,9 +117,9 @@ def test_reconstruct_writes_submission_file_and_metrics(tmp_path, capsys):
     (["reconstruct", "x.h5", "--out", "o.h5", "--accel", "0"], "--accel"),
     (["reconstruct", "x.h5", "--out", "o.h5", "--mask", "spiral"], "--mask"),
     (["reconstruct", "x.h5", "--out", "o.h5", "--steps", "0"], "--steps"),
-    (["reconstruct", "x.h5", "--out", "o.h5", "--threads", "0"], "--threads"),
+    (["reconstruct", "x.h5", "--out", "o.h5", "--threads", "-1"], "--threads"),
     (["reconstruct", "x.h5", "--out", "o.h5", "--device", "cuda:7"], "--device"),
-    (["reconstruct", "x.h5", "--out", "o.png", "--png"], "same path"),
+    (["reconstruct", "x.h5", "--out", "o.png", "--png"], "expected a .h5 file name"),
     (["reconstruct", "x.h5", "--out", "o.h5", "--solver", "reddiff", "--prior", "no-such-prior"], "--prior"),
     (["compare", "x.h5", "--out", "o", "--solvers", "cg-sense", "--set", "max_iter=5"], "SOLVER:NAME=VALUE"),
     (["compare", "x.h5", "--out", "o", "--accel", "4x"], "--accel"),
@@ -176,3 +176,92 @@ def test_list_and_info(capsys):
     assert main(["info", "dps"]) == 0                     # the tuned values per task family, with their sources
     text = capsys.readouterr().out
     assert "tuned for mri:" in text and "zeta = 3.0" in text and "swept" in text
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
+    scan = _good_scan(tmp_path / "scan.h5")
+    out = tmp_path / "r.h5"
+    out.write_bytes(b"precious")
+    argv = ["reconstruct", str(scan), "--solver", "zero-filled", "--accel", "2", "--center-fraction", "0.3",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"precious"
+    assert main([*argv, "--overwrite"]) == 0
+    with h5py.File(out, "r") as h5:
+        assert h5["reconstruction"].shape[0] == 1
+
+
+@pytest.mark.parametrize("case", ["not_h5", "zero_kspace", "corrupt_weights", "prior_without_json"])
+def test_more_bad_inputs_exit_2_and_leave_nothing(case, tmp_path, capsys):
+    """Issue 16's list: each exits 2 with one line naming the file or flag, and writes nothing."""
+    scan = _good_scan(tmp_path / "scan.h5")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["reconstruct", str(scan), "--accel", "2", "--center-fraction", "0.3", "--no-progress",
+            "--out", str(out / "r.h5")]
+    needle = None
+    if case == "not_h5":
+        argv[-1], needle = str(out / "r.png"), ".h5"
+    elif case == "zero_kspace":
+        with h5py.File(scan, "a") as h5:
+            h5["kspace"][...] = 0
+        needle = "all zeros"
+    else:
+        from invdiff.priors.loading import WEIGHTS_DIR
+        weights = tmp_path / "p.safetensors"
+        if case == "corrupt_weights":          # the sha256 in the JSON matches the (corrupt) bytes
+            import hashlib
+            import json
+            weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+            meta = json.loads((WEIGHTS_DIR / "brain-mri-complex.json").read_text())
+            meta["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+            (tmp_path / "p.json").write_text(json.dumps(meta))
+            needle = "p.safetensors"
+        else:
+            weights.write_bytes(b"0")
+            needle = "p.safetensors"
+        argv += ["--solver", "reddiff", "--prior", str(weights)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("invdiff: error:") and "\n" not in err and needle in err, err
+    assert list(out.iterdir()) == []
+
+
+def test_effective_acceleration_and_prior_provenance_are_recorded(tmp_path):
+    """A centre fraction that caps the undersampling is recorded as what ran; a shipped prior is recorded with its
+    sha256 and its steps over the whole warm-start chain (not the last stage's)."""
+    from invdiff.priors.loading import prior_info, trained_steps
+    scan = _good_scan(tmp_path / "scan.h5")
+    out = tmp_path / "r.h5"
+    assert main(["reconstruct", str(scan), "--solver", "reddiff", "--set", "steps=2", "--accel", "1000",
+                 "--center-fraction", "0.3", "--out", str(out), "--no-progress"]) == 0
+    info = prior_info("brain-mri-complex")
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["acceleration"] == 1000
+        assert h5.attrs["effective_acceleration"] == pytest.approx(16 / h5.attrs["sampled_columns"], rel=1e-3)
+        assert h5.attrs["effective_acceleration"] < 4
+        assert h5.attrs["prior_sha256"] == info["sha256"]
+        assert h5.attrs["prior_steps_trained"] == trained_steps(info)
+
+
+def test_info_takes_a_prior_path_and_help_shows_defaults(capsys):
+    from invdiff.priors.loading import WEIGHTS_DIR
+    assert main(["info", str(WEIGHTS_DIR / "ct-phantom.json")]) == 0
+    assert '"sha256"' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["sample-prior", "--help"])
+    text = capsys.readouterr().out
+    assert "--device" in text and "(default: 16)" in text and "--spacing-mm" in text
+
+
+def test_sample_prior_on_the_cpu_device(tmp_path, capsys):
+    png = tmp_path / "grid.png"
+    assert main(["sample-prior", "ct-phantom", "--n", "2", "--size", "16", "--steps", "2", "--device", "cpu",
+                 "--png", str(png)]) == 0
+    assert png.stat().st_size > 0
+
+
+def test_unknown_operator_says_how_to_load_plugins():
+    import invdiff
+    with pytest.raises(KeyError, match=r"invdiff.load_plugins\(\)"):
+        invdiff.operator("my_own_operator")

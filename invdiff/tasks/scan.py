@@ -121,10 +121,18 @@ def scan_mask(scan, *, acceleration: int = 4, center_fraction: float | None = No
         raise InputError(f"--center-fraction: expected a fraction in (0, 1], got {center_fraction!r}")
     _, _, height, width = scan.kspace_shape
     mask = make_mask(mask_kind, shape=(height, width), acceleration=int(acceleration),
-                     center_fraction=center_fraction, seed=scan.path.name, padding=scan.header.padding)
+                     center_fraction=center_fraction, seed=scan.path.name, padding=scan.header.padding).numpy()
+    # What ran, not only what was asked: the centre fraction caps how far a mask can undersample.
+    acquired = scan.header.padding[1] - scan.header.padding[0]
+    effective = acquired / max(int(mask.sum()), 1)
+    if abs(effective - acceleration) > 0.25 * acceleration:
+        log.warning("%s: --accel %s with centre fraction %.3g samples %d of %d acquired columns: an effective "
+                    "acceleration of %.2f", scan.path.name, acceleration, center_fraction, int(mask.sum()), acquired,
+                    effective)
     info = {"mask_source": f"fastMRI {mask_kind} mask seeded by file name", "acceleration": int(acceleration),
-            "center_fraction": center_fraction}
-    return mask.numpy().astype(bool), info
+            "center_fraction": center_fraction, "effective_acceleration": round(effective, 4),
+            "sampled_columns": int(mask.sum())}
+    return mask.astype(bool), info
 
 
 def check_calibration(scan, mask: np.ndarray) -> int:
@@ -175,6 +183,9 @@ def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str
     device = torch.device(device)
     kspace = scan.kspace(index)
     calibration = check_calibration(scan, mask)
+    if not np.any(kspace[..., mask]):
+        raise InputError(f"{scan.path}: dataset 'kspace' slice {index}: expected measured data in the sampled "
+                         f"columns, found all zeros")
     mask_t = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
     k = torch.from_numpy(np.ascontiguousarray(kspace)).to(device)
     k = torch.where(mask_t, k, torch.zeros((), dtype=k.dtype, device=device))    # exact zeros, never -0.0
