@@ -327,16 +327,20 @@ def sweep_markdown(report: dict) -> str:
              "variance 0.04, mean 0.5), exact posterior from dense algebra (float64). Mean error = "
              "||m - m_post|| / sqrt(tr C_post) (one exact sample scores ~1, the mean of N exact samples ~1/sqrt(N) = "
              "floor); variance ratio = sum of the weighted per-pixel variances / tr C_post; coverage = fraction of "
-             "pixels whose true value lies within 2 std of the weighted mean (~0.95 if calibrated). "
+             "pixels whose true value lies within 2 std of the weighted mean (~0.95 if calibrated). SMC: N weighted "
+             "particles of one run; DPS / DiffPIR / DDRM: N independent chains; RED-Diff: one point estimate. "
              f"Command: `{report['command']}` ({report['seconds']:.0f} s wall, one thread, torch {report['torch']}).", "",
              "| prior | operator | d | sigma_y | method | N | mean error | floor | error / floor | variance ratio | "
              "coverage | final ESS | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sweep"]:
         cover = f"{r['coverage']:.2f}" if "coverage" in r else "-"
         ess = f"{r['final_ess']:.0f}" if "final_ess" in r else "-"
+        point = r["N"] == 1                  # a point estimate (RED-Diff): no floor, no spread
+        floor = "-" if point else f"{r['floor']:.3f}"
+        ratio = "-" if point else f"{r['mean_error'] / r['floor']:.1f}"
+        variance = "-" if point else f"{r['variance_ratio']:.2f}"
         lines.append(f"| {r['prior']} | {r['operator']} | {r['d']} | {r['sigma_y']} | {r['method']} | {r['N']} | "
-                     f"{r['mean_error']:.3f} | {r['floor']:.3f} | {r['mean_error'] / r['floor']:.1f} | "
-                     f"{r['variance_ratio']:.2f} | {cover} | {ess} | {r['seconds']:.1f} |")
+                     f"{r['mean_error']:.3f} | {floor} | {ratio} | {variance} | {cover} | {ess} | {r['seconds']:.1f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -434,7 +438,7 @@ def main(argv=None) -> dict:
     if args.markdown_from:
         report = json.loads(args.markdown_from.read_text())
         with atomic_open(args.markdown_from.with_suffix(".md")) as handle:
-            handle.write(markdown(report))
+            handle.write(sweep_markdown(report) if "sweep" in report else markdown(report))
         return report
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = [16, 64] if args.quick else [16, 64, 256, 1024]
