@@ -63,7 +63,7 @@ def test_tweedie_proposal_reaches_the_floor_at_d256():
     variance ratio in [0.85, 1.15], equal weights (ESS = N) after every step."""
     prior, problem, mean, cov, _, _ = _case()
     n = 512
-    result = sample_smc(problem, prior, num_particles=n, steps=10, proposal="tweedie",
+    result = sample_smc(problem, prior, num_particles=n, steps=5, proposal="tweedie",
                         generator=torch.Generator().manual_seed(1))
     error, ratio = _scores(result.samples[:, 0], result.weights[:, 0], mean, cov)
     assert error <= 3 / math.sqrt(n), error
@@ -82,10 +82,10 @@ def test_tweedie_intermediate_targets_are_the_diffused_posterior():
     def record(step, total, state):
         seen.append((float(state["sigma"]), state["particles"][:, 0].clone(), state["weights"][:, 0].clone()))
 
-    result = sample_smc(problem, prior, num_particles=n, steps=8, proposal="tweedie", callback=record,
+    result = sample_smc(problem, prior, num_particles=n, steps=5, proposal="tweedie", callback=record,
                         generator=torch.Generator().manual_seed(2))
     sigmas = result.diagnostics["sigmas"]
-    assert len(seen) == 8
+    assert len(seen) == 5
     for i, (_, particles, weights) in enumerate(seen):
         t = sigmas[i + 1]
         error, ratio = _scores(particles, weights, mean, cov + t * t * eye)
