@@ -125,6 +125,13 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_batch(args) -> int:
+    from invdiff.batch import run_batch   # the options below are its contract; the work list lives in batch.py
+
+    _set_threads(args)
+    return run_batch(args)
+
+
 def _cmd_train_prior(args, rest) -> int:
     from invdiff.priors import train
     return train.main(rest) or 0
@@ -217,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
                         f"always added as the baseline")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.set_defaults(run=_cmd_compare)
+
+    p = add("batch", help="reconstruct every fastMRI file of a folder (plainly or under torchrun), resumable",
+            description="Reconstruct every fastMRI .h5 file in INPUT_DIR with one solver; launched plainly or under "
+                        "`torchrun --nproc_per_node=N invdiff batch ...`, each rank takes its share of the (file, "
+                        "slice) work list; a manifest in --out lets a restarted job skip finished volumes.")
+    p.add_argument("input_dir", help="folder of fastMRI-format .h5 files")
+    p.add_argument("--solver", default="cg-sense", help="a solver name (see `invdiff list`)")
+    p.add_argument("--out", required=True, help="output folder (created if missing): one .h5 per input, manifest")
+    p.add_argument("--accel", type=int, default=4, help="acceleration for retrospective undersampling")
+    p.add_argument("--center-fraction", type=float, default=None,
+                   help="fraction of fully sampled centre columns (default: 0.08 at 4x, 0.04 at 8x)")
+    p.add_argument("--mask", default="random", help=MASK_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=SET_HELP)
+    p.add_argument("--steps", type=int, default=None, help="steps of the solver (default: the settings table's)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (per slice: seed * 1000003 + slice)")
+    p.add_argument("--prior", default=None, help="prior name or exported path (default: brain-mri-complex)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (under torchrun: the rank's GPU)")
+    _add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_batch)
 
     p = add("train-prior", help="train a diffusion prior (all options: invdiff train-prior --help)", add_help=False)
     p.set_defaults(run=None, passthrough=_cmd_train_prior)

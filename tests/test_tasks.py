@@ -85,7 +85,8 @@ def test_scan_slice_is_normalised_and_knows_its_pixel_spacing(tmp_path):
 
 @pytest.mark.parametrize("kwargs, needle", [({"acceleration": 0}, "--accel"), ({"acceleration": 2.5}, "--accel"),
                                             ({"mask_kind": "spiral"}, "--mask"),
-                                            ({"center_fraction": 1.5}, "--center-fraction")])
+                                            ({"center_fraction": 1.5}, "--center-fraction"),
+                                            ({"center_fraction": 1.0}, "--center-fraction")])
 def test_bad_mask_requests_are_input_errors(tmp_path, kwargs, needle):
     path = tmp_path / "scan.h5"
     write_fake_fastmri(path, _image(32, 48), num_coils=2, noise_level=0.01, seed=0)

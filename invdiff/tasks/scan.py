@@ -117,8 +117,8 @@ def scan_mask(scan, *, acceleration: int = 4, center_fraction: float | None = No
     if mask_kind not in MASK_KINDS:
         raise InputError(f"--mask: expected one of {', '.join(MASK_KINDS)}, got {mask_kind!r}")
     center_fraction = center_fraction or default_center_fraction(int(acceleration))
-    if not 0 < center_fraction <= 1:
-        raise InputError(f"--center-fraction: expected a fraction in (0, 1], got {center_fraction!r}")
+    if not 0 < center_fraction < 1:
+        raise InputError(f"--center-fraction: expected a fraction in (0, 1), got {center_fraction!r}")
     _, _, height, width = scan.kspace_shape
     mask = make_mask(mask_kind, shape=(height, width), acceleration=int(acceleration),
                      center_fraction=center_fraction, seed=scan.path.name, padding=scan.header.padding).numpy()
