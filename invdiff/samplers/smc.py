@@ -379,7 +379,8 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
     exact weights; stable at any sigma_y) or "tweedie" (the Tweedie-Gaussian transition conditioned on y: needs
     ``prior.tweedie_covariance``; exact for Gaussian priors at any dimension; see the module docstring);
     resample: "systematic", "multinomial" or "none", when ESS / N < ess_threshold; langevin_steps: corrector
-    moves after every step (None: 1 for "ode", 0 for "sde"); rejuvenation_steps: extra corrector moves right
+    moves after every step (None: 1 for "ode", 0 for "sde"; the tweedie proposal uses neither corrector moves nor
+    resampling: its weights stay equal); rejuvenation_steps: extra corrector moves right
     after a resampling (resample-move: duplicated particles spread out again); langevin_step_size: h as a
     fraction of the inverse curvature bound; weight_rule (SDE): "paper" (Eq. 3.6 rate at the left point) or
     "pathwise" (the same rate rewritten by Ito's formula, exact for the Euler chain); stable_likelihood: False
