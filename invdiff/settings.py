@@ -47,6 +47,9 @@ TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
     "mri": {
         "dps": {"zeta": Tuned(3.0, f"swept 0.3 / 1 / 3 / 10 at 100 steps on the MRI tuning slice; {_SWEEP}")},
         "smc": {"proposal": _SMC_CONDITIONAL},
+        # DiffusionMBIR's MRI values (their code's README; our SENSE operator is normalised, as theirs is not)
+        "diffusion-mbir": {"lam": Tuned(0.005, "DiffusionMBIR paper / code, MRI (REFERENCES.md)"),
+                           "rho": Tuned(0.01, "DiffusionMBIR paper / code, MRI (REFERENCES.md)")},
     },
     "ct": {
         "dps": {"zeta": Tuned(0.03, f"swept 0.003 / 0.01 / 0.03 / 0.1 on CT tuning phantom 1; {_SWEEP}")},
