@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (under torchrun: the rank's GPU)")
     _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs the manifest does not vouch for")
     p.set_defaults(run=_cmd_batch)
 
     p = add("train-prior", help="train a diffusion prior (all options: invdiff train-prior --help)", add_help=False)
