@@ -50,6 +50,8 @@ TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
         # DiffusionMBIR's MRI values (their code's README; our SENSE operator is normalised, as theirs is not)
         "diffusion-mbir": {"lam": Tuned(0.005, "DiffusionMBIR paper / code, MRI (REFERENCES.md)"),
                            "rho": Tuned(0.01, "DiffusionMBIR paper / code, MRI (REFERENCES.md)")},
+        "dds": {"lam": Tuned(0.005, "DiffusionMBIR's MRI value taken over (DDS gives none for 3-D MRI); not swept"),
+                "rho": Tuned(0.01, "DiffusionMBIR's MRI value taken over (DDS gives none for 3-D MRI); not swept")},
     },
     "ct": {
         "dps": {"zeta": Tuned(0.03, f"swept 0.003 / 0.01 / 0.03 / 0.1 on CT tuning phantom 1; {_SWEEP}")},

@@ -257,3 +257,19 @@ def test_plane_metrics_differ_by_plane_and_are_perfect_on_the_target():
     metrics = plane_metrics(volume, noisy, maxval=1.0)
     assert metrics["psnr"]["axial"] != pytest.approx(metrics["psnr"]["coronal"], abs=0.1)
     assert plane_metrics(volume, volume, maxval=1.0)["ssim"]["sagittal"] == pytest.approx(1.0)
+
+
+# ---- the benchmark script ---------------------------------------------------------------------------------------
+def test_volume_benchmark_writes_rows_with_plane_metrics_time_and_memory(tmp_path):
+    from repo_scripts import load_script
+
+    benchmark = load_script("benchmarks/volume3d.py", "benchmarks_volume3d")
+    report = benchmark.main(["--size", "12", "--views", "6", "--volumes", "shepp-logan", "--solvers", "fbp", "dds-2d",
+                             "--steps", "dds=2", "--no-isolate", "--out", str(tmp_path), "--tag", "test"])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    rows = {row["solver"]: row for row in report["rows"]}
+    assert set(rows) == {"fbp", "dds-2d"}
+    assert rows["dds-2d"]["hyperparameters"]["lam"] == 0.0 and rows["dds-2d"]["nfe_per_slice"] == 2
+    for row in rows.values():
+        assert set(row["psnr"]) == {"axial", "coronal", "sagittal"} and row["peak_memory_bytes"] > 0
+        assert row["shape"] == [12, 12, 12] and row["seconds"] >= 0

@@ -220,7 +220,7 @@ def ct_phantom_3d(size: int, *, seed: int, fov: float | None = None, supersample
 
 
 def example4d_first_frame() -> tuple[np.ndarray, tuple[float, float, float]]:
-    """nibabel's ``example4d.nii.gz``, first frame, as an axial (D, H, W) = (24, 128, 96) float32 volume and its
+    """nibabel's ``example4d.nii.gz``, first frame, as an axial (D, H, W) = (24, 96, 128) float32 volume and its
     voxel size (z, y, x) = (2.2, 2, 2) mm. Held out: the training sources never read this file."""
     import os
 
