@@ -273,3 +273,20 @@ def test_volume_benchmark_writes_rows_with_plane_metrics_time_and_memory(tmp_pat
     for row in rows.values():
         assert set(row["psnr"]) == {"axial", "coronal", "sagittal"} and row["peak_memory_bytes"] > 0
         assert row["shape"] == [12, 12, 12] and row["seconds"] >= 0
+
+
+def test_fastmri_file_becomes_one_volume_task_with_its_output_mapping():
+    """The CLI's --3d path: a multi-coil fastMRI file -> one volume problem -> (D, H_r, W_r) volume in file units."""
+    from pathlib import Path
+
+    from invdiff.tasks.volume import fastmri_volume_task, plane_metrics, volume_output
+
+    path = Path(__file__).resolve().parent.parent / "data" / "brain_multislice_multicoil.h5"
+    task = fastmri_volume_task(path, acceleration=4, slices="0:2")
+    image = task.images[0]
+    assert image.problem.operator.in_shape == (2, 2, 192, 128) and image.target.shape == (2, 96, 128)
+    assert len(task.info["voxel_size_mm"]) == 3
+    zero_filled = volume_output(task, invdiff.sample("zero-filled", image.problem, None).x)
+    cg = volume_output(task, invdiff.sample("cg-sense", image.problem, None).x)
+    assert cg.shape == (2, 96, 128)
+    assert plane_metrics(image.target, cg)["volume_psnr"] > plane_metrics(image.target, zero_filled)["volume_psnr"]

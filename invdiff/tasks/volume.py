@@ -100,7 +100,8 @@ def plane_metrics(target: np.ndarray, volume: np.ndarray, *, maxval: float | Non
         gt, pred = volume_planes(target, plane), volume_planes(volume, plane)
         mse = ((gt - pred) ** 2).reshape(len(gt), -1).mean(axis=1)
         out["psnr"][plane] = float(np.mean(10 * np.log10(maxval ** 2 / np.maximum(mse, 1e-30))))
-        out["ssim"][plane] = float(ssim(gt, pred, maxval=maxval))
+        # SSIM's 7 x 7 window needs 7 x 7 images: a thin volume has no coronal / sagittal SSIM (NaN)
+        out["ssim"][plane] = float(ssim(gt, pred, maxval=maxval)) if min(gt.shape[-2:]) >= 7 else float("nan")
     return out
 
 
