@@ -290,3 +290,18 @@ def test_fastmri_file_becomes_one_volume_task_with_its_output_mapping():
     cg = volume_output(task, invdiff.sample("cg-sense", image.problem, None).x)
     assert cg.shape == (2, 96, 128)
     assert plane_metrics(image.target, cg)["volume_psnr"] > plane_metrics(image.target, zero_filled)["volume_psnr"]
+
+
+def test_limited_angle_ct_volume_task_uses_a_wedge_and_keeps_the_noise_rule():
+    from invdiff.operators.volume import limited_angles
+    from invdiff.tasks.volume import ct_phantom_3d, ct_volume_task
+
+    assert np.allclose(limited_angles(90, 3), [0, 30, 60])
+    volume = ct_phantom_3d(12, seed=3)
+    assert volume.shape == (12, 12, 12) and 0 <= volume.min() and volume.max() <= 1 and volume.std() > 0.01
+    task = ct_volume_task(volume, 6, wedge_degrees=90.0, seed=1)
+    operator = task.images[0].problem.operator
+    assert float(operator.angles.max()) < 90 and task.info["angles"].startswith("limited angle")
+    again = ct_volume_task(volume, 6, wedge_degrees=90.0, seed=1)
+    assert torch.equal(again.images[0].problem.y, task.images[0].problem.y)     # the seed rule's generator
+    assert not np.array_equal(ct_phantom_3d(12, seed=4), volume)
