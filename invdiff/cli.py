@@ -103,7 +103,7 @@ def _cmd_reconstruct(args) -> int:
         scan=args.scan, solver=args.solver, out=args.out, acceleration=args.accel,
         center_fraction=args.center_fraction, mask_kind=args.mask, slices=args.slices, device=args.device,
         seed=args.seed, png=args.png, prior=args.prior, overrides=overrides, steps=args.steps,
-        progress=not args.no_progress)
+        progress=not args.no_progress, mask_file=args.mask_file)
     report = reconstruct_scan_to_file(request, overwrite=args.overwrite)
     for line in report.summary_lines():
         print(line)
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5 (fastMRI submission format)")
     p.add_argument("--png", action="store_true", help="also save a figure next to --out (same name, .png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its figure) if they exist")
+    p.add_argument("--mask-file", default=None,
+                   help="a column mask to use instead of fastMRI's (.npy, bool or 0/1, one entry per k-space column)")
     p.set_defaults(run=_cmd_reconstruct)
 
     p = add("compare", help="run several solvers on identical inputs of a fastMRI scan",

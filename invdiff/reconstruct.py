@@ -44,6 +44,7 @@ class ReconstructionRequest:
     overrides: dict[str, Any] = field(default_factory=dict)
     steps: int | None = None
     progress: bool = True
+    mask_file: str | None = None
 
 
 @dataclass
@@ -107,7 +108,8 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
     with read_scan(request.scan) as scan:
         chosen = scan_tasks.parse_slices(request.slices, scan.num_slices)
         mask, mask_info = scan_tasks.scan_mask(scan, acceleration=request.acceleration,
-                                               center_fraction=request.center_fraction, mask_kind=request.mask_kind)
+                                               center_fraction=request.center_fraction, mask_kind=request.mask_kind,
+                                               mask_file=request.mask_file)
         scan_tasks.check_calibration(scan, mask)
         for count, image in enumerate(scan_tasks.scan_images(scan, chosen, mask, device=device), start=1):
             callback = None

@@ -265,3 +265,24 @@ def test_unknown_operator_says_how_to_load_plugins():
     import invdiff
     with pytest.raises(KeyError, match=r"invdiff.load_plugins\(\)"):
         invdiff.operator("my_own_operator")
+
+
+def test_mask_file_is_used_as_given_and_checked(tmp_path, capsys):
+    """--mask-file: any solver on exactly the columns given (recorded in the output); a mask that does not fit the
+    scan is refused before any work."""
+    scan = _good_scan(tmp_path / "scan.h5")
+    with h5py.File(scan, "r") as h5:
+        width = h5["kspace"].shape[-1]
+    mask = np.zeros(width, dtype=bool)
+    mask[width // 2 - 3: width // 2 + 3] = True
+    mask[1::4] = True
+    np.save(tmp_path / "m.npy", mask)
+    out = tmp_path / "r.h5"
+    assert main(["reconstruct", str(scan), "--solver", "zero-filled", "--mask-file", str(tmp_path / "m.npy"),
+                 "--out", str(out), "--no-progress"]) == 0
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["sampled_columns"] == mask.sum() and "m.npy" in h5.attrs["mask_source"]
+    np.save(tmp_path / "short.npy", mask[:-1])
+    assert main(["reconstruct", str(scan), "--mask-file", str(tmp_path / "short.npy"), "--out",
+                 str(tmp_path / "s.h5"), "--no-progress"]) == 2
+    assert "expected (16,)" in capsys.readouterr().err and not (tmp_path / "s.h5").exists()

@@ -105,11 +105,44 @@ def pixel_spacing_mm(header, grid: tuple[int, int]) -> float | None:
     return float((fov[0] / grid[0] + fov[1] / grid[1]) / 2)
 
 
+def load_mask_file(path, scan) -> np.ndarray:
+    """A user's column mask (``.npy``, bool or 0/1, shape (W,)) checked against the scan: bool (W,)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--mask-file {path}: not a readable .npy array ({err})") from None
+    width = scan.kspace_shape[-1]
+    if mask.ndim != 1 or mask.shape[0] != width:
+        raise InputError(f"--mask-file {path}: shape {mask.shape}; expected ({width},), one entry per k-space column "
+                         f"of {scan.path.name}")
+    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+        raise InputError(f"--mask-file {path}: values {np.unique(mask)[:5].tolist()}; expected 0/1 or bool")
+    mask = mask.astype(bool)
+    left, right = scan.header.padding
+    if mask[:left].any() or mask[right:].any():
+        raise InputError(f"--mask-file {path}: samples columns outside the acquired range [{left}, {right}) of "
+                         f"{scan.path.name}")
+    if not mask.any():
+        raise InputError(f"--mask-file {path}: samples no column")
+    return mask
+
+
 def scan_mask(scan, *, acceleration: int = 4, center_fraction: float | None = None,
-              mask_kind: str = "random") -> tuple[np.ndarray, dict]:
-    """The file's own test-set mask, or fastMRI's retrospective mask seeded by the file name: bool (W,), info."""
+              mask_kind: str = "random", mask_file=None) -> tuple[np.ndarray, dict]:
+    """The file's own test-set mask, a user's ``mask_file``, or fastMRI's retrospective mask seeded by the file
+    name: bool (W,), info."""
     if scan.mask is not None:
+        if mask_file is not None:
+            raise InputError(f"{scan.path}: the file carries its own (test-set) mask; --mask-file cannot replace it")
         return np.asarray(scan.mask, dtype=bool), {"mask_source": "file", "acceleration": scan.acceleration}
+    if mask_file is not None:
+        mask = load_mask_file(mask_file, scan)
+        acquired = scan.header.padding[1] - scan.header.padding[0]
+        return mask, {"mask_source": f"--mask-file {mask_file}", "sampled_columns": int(mask.sum()),
+                      "effective_acceleration": round(acquired / int(mask.sum()), 4)}
     from invdiff.operators.masks import make_mask
 
     if isinstance(acceleration, bool) or int(acceleration) != acceleration or acceleration < 1:
