@@ -43,6 +43,18 @@ _SWEEP = "recipes/README.md, 'Solver settings'"
 # limits"; its rejuvenation moves stay on (without them a 30-step inpainting run lost 1.8 dB).
 _SMC_CONDITIONAL = Tuned("conditional", "stable at any sigma_y; image-task runs in benchmarks/results/smc_images-*")
 
+# ADS on the shipped brain prior, probed on slice 1 of brain_multislice_multicoil.h5 (32 of 128 lines, 30 steps x 4
+# particles, RED-Diff 100 steps on the chosen mask; recipes/active_mri.py, benchmarks/results/active_*): at sigma 80
+# the prior's Tweedie estimates vary most in the outermost columns, so a window over the first quarter of the Karras
+# grid chose edge lines (RED-Diff 23.9 dB); over [0.25, 0.5) (sigma ~17 -> 2.5) it chose a contiguous low-pass block
+# (28.07 dB) until the estimates were made data-consistent before scoring (28.86 dB; random 28.97, equispaced 28.56,
+# variable density 28.75); guidance 3 against the paper's 0.85 at 30 steps: ADS's own image 27.35 vs 26.40 dB.
+_ADS_PROBE = "probed on slice 1 of the multislice sample, 32 of 128 lines; comment above TUNED"
+_ADS_MRI = {
+    "window_start": Tuned(0.25, _ADS_PROBE), "window_end": Tuned(0.5, _ADS_PROBE),
+    "score_dc_iterations": Tuned(5, _ADS_PROBE), "guidance": Tuned(3.0, _ADS_PROBE),
+}
+
 TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
     "mri": {
         "dps": {"zeta": Tuned(3.0, f"swept 0.3 / 1 / 3 / 10 at 100 steps on the MRI tuning slice; {_SWEEP}")},
@@ -52,6 +64,7 @@ TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
                            "rho": Tuned(0.01, "DiffusionMBIR paper / code, MRI (REFERENCES.md)")},
         "dds": {"lam": Tuned(0.005, "DiffusionMBIR's MRI value taken over (DDS gives none for 3-D MRI); not swept"),
                 "rho": Tuned(0.01, "DiffusionMBIR's MRI value taken over (DDS gives none for 3-D MRI); not swept")},
+        "ads": _ADS_MRI,
     },
     "ct": {
         "dps": {"zeta": Tuned(0.03, f"swept 0.003 / 0.01 / 0.03 / 0.1 on CT tuning phantom 1; {_SWEEP}")},

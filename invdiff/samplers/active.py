@@ -64,6 +64,10 @@ Where this differs from the reference code, and why
 * sigma: the reference's 50 is on its own k-space scale (images in [-1, 1], an unnormalised FFT); here k-space is
   that of normalised images (magnitude ~1) under the unitary FFT, where per-line distances between particles are
   of order 0.1 to 10, so ``sigma=1``. With the positive form sigma changes the choices little (see above).
+* ``score_dc_iterations`` (default 0, the reference): the Tweedie estimates may first be made consistent with the
+  lines measured so far (the same CG correction as the final data consistency) before they predict the unmeasured
+  lines, so that lines the data already pin down (neighbours of measured ones, through the coil maps) stop looking
+  uncertain only because the guidance has not yet pulled the particles onto the data.
 * Weighted particles: ``weights="likelihood"`` weights the particles' mixture by ``exp(-||A x0_i - y||^2 /
   (2 sigma_y^2))`` on the data measured so far (the importance weights of the Tweedie estimates); the SMC sampler
   itself (:mod:`invdiff.samplers.smc`) runs to t = 0 on fixed data and cannot take new lines mid-run, so its
@@ -242,7 +246,7 @@ class RetrospectivePixels:
 
 # ---- the sampler -----------------------------------------------------------------------------------------
 def _check_arguments(steps, particles, window_start, window_end, sigma, guidance, exponent, guidance_norm, weights,
-                     output, dc_iterations, patch) -> None:
+                     output, dc_iterations, score_dc_iterations, patch) -> None:
     if int(steps) != steps or steps < 1:
         raise InputError(f"ads: steps must be a positive integer, got {steps!r}")
     if int(particles) != particles or particles < 2:
@@ -260,6 +264,8 @@ def _check_arguments(steps, particles, window_start, window_end, sigma, guidance
             raise InputError(f"ads: {name} must be one of {', '.join(allowed)}; got {value!r}")
     if int(dc_iterations) != dc_iterations or dc_iterations < 0:
         raise InputError(f"ads: dc_iterations must be an integer >= 0, got {dc_iterations!r}")
+    if int(score_dc_iterations) != score_dc_iterations or score_dc_iterations < 0:
+        raise InputError(f"ads: score_dc_iterations must be an integer >= 0, got {score_dc_iterations!r}")
     if int(patch) != patch or patch < 1:
         raise InputError(f"ads: patch must be a positive integer, got {patch!r}")
 
@@ -285,7 +291,8 @@ def _data_consistency(x: torch.Tensor, operator, y: torch.Tensor, iterations: in
 def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, particles: int = 16,
                steps: int = 100, window_start: float = 0.005, window_end: float = 0.25, sigma: float = 1.0,
                guidance: float = 0.85, exponent: str = "positive", guidance_norm: str = "particle",
-               weights: str = "uniform", output: str = "mean", dc_iterations: int = 1, patch: int = 1,
+               weights: str = "uniform", output: str = "mean", dc_iterations: int = 1, score_dc_iterations: int = 0,
+               patch: int = 1,
                sigma_max: float | None = None, sigma_min: float | None = None,
                generator=None, callback=None) -> SampleResult:
     """Active Diffusion Subsampling: choose and measure k-space columns (or pixels) while sampling with particles.
@@ -299,7 +306,8 @@ def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, par
     problem's (normalised) units; guidance: DPS weight; exponent: "positive" (reference) or "negative"
     (Kolchinsky-Tracey); guidance_norm: "particle" or "ensemble" (reference); weights: "uniform" or "likelihood";
     output: "mean" or "magnitude-mean" (reference); dc_iterations: CG steps of the final hard data consistency
-    (0: none; 1 pastes for Cartesian MRI and inpainting). The module docstring derives all of it.
+    (0: none; 1 pastes for Cartesian MRI and inpainting); score_dc_iterations: the same correction applied to the
+    Tweedie estimates before they are scored (0: the reference). The module docstring derives all of it.
 
     Returns ``SampleResult(x (1, C, H, W), samples (N, 1, C, H, W))`` with diagnostics ``mask`` (bool, the final
     mask: (W,) columns or (H, W) pixels, on the CPU), ``initial_mask``, ``acquisition_order`` (candidate indices in
@@ -309,7 +317,7 @@ def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, par
     ``acquisitions`` (calls to ``problem.acquisition``), ``seconds``, ``network_seconds``.
     """
     _check_arguments(steps, particles, window_start, window_end, sigma, guidance, exponent, guidance_norm, weights,
-                     output, dc_iterations, patch)
+                     output, dc_iterations, score_dc_iterations, patch)
     if problem.acquisition is None:
         raise InputError("ads: the problem has no acquisition (measure(mask) -> y): ADS chooses which lines to "
                          "measure, so it needs a fully sampled scan (retrospective) or a scanner to ask; "
@@ -353,7 +361,10 @@ def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, par
                 x0_hat = call_prior(prior, x, expand_sigma(sigma_t, x), calls)             # Tweedie, Eq. 4
                 if i in schedule:                                                          # Alg. 1: select
                     with torch.no_grad():
-                        predictions = candidates.predict(x0_hat.detach())
+                        # optionally the Tweedie estimates made consistent with the lines measured so far (not the reference)
+                        scored = _data_consistency(x0_hat.detach(), operator, y.expand(particles, *y.shape[1:]),
+                                                   int(score_dc_iterations))
+                        predictions = candidates.predict(scored)
                         mixture = None
                         if weights == "likelihood":
                             residual = (y - operator.A(x0_hat.detach())).reshape(particles, -1).to(torch.float64)
@@ -400,7 +411,8 @@ def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, par
         "mask": final_mask, "initial_mask": initial_mask.reshape(final_mask.shape),
         "acquisition_order": order, "selection_steps": selection_steps, "scores": scores_record,
         "chosen_scores": chosen_scores, "acquisitions": acquisitions, "sigma": sigma, "exponent": exponent,
-        "guidance": guidance, "guidance_norm": guidance_norm, "weights": weights, "output": output,
+        "guidance": guidance, "guidance_norm": guidance_norm, "score_dc_iterations": score_dc_iterations,
+        "weights": weights, "output": output,
         "window": [window_start, window_end], "sigmas": sigmas.tolist(),
     }
     log.debug("ads: %d steps x %d particles, %d candidates chosen in %d acquisitions, %.1f s", steps, particles,
