@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from invdiff.batch import MANIFEST_NAME, Ranks
+from invdiff.batch import MANIFEST_NAME, Ranks, manifest_checksum
 from invdiff.cli import main
 from invdiff.datasets.synthetic import write_fake_fastmri
 
@@ -123,6 +123,42 @@ def test_batch_volume_is_the_reconstruct_volume_and_a_rerun_skips_it(tmp_path, c
     other_seed = [a if a != "3" else "4" for a in SOLVER_ARGS]              # another run's outputs are kept
     assert main(["batch", str(inputs), "--out", str(out), *other_seed]) == 2
     assert all(before[n] == (out / n).stat().st_mtime_ns for n in ("file0.h5", "file1.h5"))
+
+
+def test_lost_manifest_adopts_outputs_by_key_and_overwrite_replaces_foreign_ones(tmp_path, caplog):
+    """A kill between an output and its record (here: the manifest deleted) does not redo the volume: its
+    ``batch_key`` attr vouches for it. A foreign file under an input's name is refused, then replaced with
+    ``--overwrite``; an edited manifest is ignored with ``--overwrite`` and its volumes redone, byte-identical."""
+    caplog.set_level(logging.INFO)
+    inputs = _inputs(tmp_path / "in", files=2, slices=1)
+    out = tmp_path / "out"
+    assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS]) == 0
+    first = {name: (out / name).read_bytes() for name in ("file0.h5", "file1.h5")}
+    (out / MANIFEST_NAME).unlink()
+    caplog.clear()
+    assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS]) == 0
+    assert _plan(caplog.text)[2:6] == (2, 0, 0, 0)
+    _assert_complete(out, ["file0.h5", "file1.h5"])
+
+    (out / "file1.h5").write_bytes(b"someone else's file")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["volumes"]["file1.h5"]
+    manifest["checksum"] = manifest_checksum(manifest)
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS]) == 2
+    assert (out / "file1.h5").read_bytes() == b"someone else's file"
+    caplog.clear()
+    assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS, "--overwrite"]) == 0
+    assert _plan(caplog.text)[2:6] == (1, 1, 0, 1)
+    assert (out / "file1.h5").read_bytes() == first["file1.h5"]
+
+    (out / MANIFEST_NAME).write_text((out / MANIFEST_NAME).read_text().replace('"seed": 3', '"seed": 4'))
+    assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS]) == 2
+    caplog.clear()
+    assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS, "--overwrite"]) == 0
+    assert _plan(caplog.text)[2:6] == (2, 0, 0, 0)          # adopted by key: the edit changed no output
+    assert {name: (out / name).read_bytes() for name in first} == first
+    _assert_complete(out, ["file0.h5", "file1.h5"])
 
 
 def test_test_set_files_without_targets(tmp_path, caplog):
