@@ -36,12 +36,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (function, keyword arguments); APS rows use the signature's defaults (the paper's 15 x 100 steps, L1)
 METHODS = {
     "prior (unconditional)": (sample_masked_diffusion, {"reweighting": "none", "steps": 16}),
-    "masked-diffusion, plug-in": (sample_masked_diffusion, {"steps": 16}),
-    "masked-diffusion, 16 likelihood samples": (sample_masked_diffusion, {"steps": 16, "likelihood_samples": 16}),
+    "masked-diffusion, plug-in": (sample_masked_diffusion, {"steps": 16, "reweighting": "exact"}),
+    "masked-diffusion, 16 likelihood samples": (sample_masked_diffusion, {"steps": 16, "reweighting": "exact",
+                                                                          "likelihood_samples": 16}),
+    "masked-diffusion, linear reweighting": (sample_masked_diffusion, {"steps": 16, "reweighting": "linear"}),
     "aps": (sample_aps, {}),
     "aps, no quantized expectation": (sample_aps, {"quantized_expectation": False}),
     "aps, prior-confidence remasking": (sample_aps, {"remasking": "prior"}),
     "aps, gaussian loss + KL to P (ours)": (sample_aps, {"loss": "gaussian", "prior_weight": 1.0}),
+    "aps, MaskGIT confidence noise 1": (sample_aps, {"confidence_noise": 1.0}),
 }
 
 

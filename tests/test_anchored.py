@@ -100,16 +100,18 @@ def test_reweighted_unmasking_is_exact_for_a_factorised_posterior():
     floor = _floor(posterior, oracle, RUNS)
     batch = _repeat(problem, RUNS)
     for kwargs in ({"steps": 4}, {"steps": 2}, {"steps": 4, "likelihood_samples": 4}):
-        result = sample_masked_diffusion(batch, oracle, generator=torch.Generator().manual_seed(1), **kwargs)
+        result = sample_masked_diffusion(batch, oracle, reweighting="exact", generator=torch.Generator().manual_seed(1),
+                                         **kwargs)
         tv = total_variation(oracle.histogram(result.diagnostics["tokens"]), posterior)
         assert tv < 1.5 * floor + 0.03, (kwargs, tv, floor)
-    unguided = sample_masked_diffusion(batch, oracle, steps=4, guidance=0.0, generator=torch.Generator().manual_seed(1))
+    unguided = sample_masked_diffusion(batch, oracle, steps=4, reweighting="exact", guidance=0.0,
+                                       generator=torch.Generator().manual_seed(1))
     assert total_variation(oracle.histogram(unguided.diagnostics["tokens"]), posterior) > 3 * floor + 0.1
 
 
 @pytest.mark.parametrize("seeds", [(1, 2, 3, 4, 5)])
 def test_aps_against_the_exact_posterior_next_to_the_baseline_and_ablations(seeds):
-    tv, ll = {}, {}
+    tv, ll, hits = {}, {}, 0
     for seed in seeds:
         oracle, problem = _coupled_case(seed)
         posterior, log_lik = oracle.posterior(problem)[0], oracle.log_likelihood(problem)[0]
@@ -124,12 +126,15 @@ def test_aps_against_the_exact_posterior_next_to_the_baseline_and_ablations(seed
 
         tv.setdefault("floor", []).append(_floor(posterior, oracle, RUNS))
         run(sample_masked_diffusion, "prior", steps=4, reweighting="none")
-        run(sample_masked_diffusion, "baseline", steps=4, likelihood_samples=16)
+        run(sample_masked_diffusion, "baseline", steps=4, reweighting="exact", likelihood_samples=16)
         aps = run(sample_aps, "aps", steps=4, inner_steps=50)
         run(sample_aps, "no_qe", steps=4, inner_steps=50, quantized_expectation=False)
-        # per case: the baseline is nearer the posterior than APS, and APS fits y far better than the prior
-        assert tv["baseline"][-1] < min(0.35, tv["aps"][-1]), (seed, tv)
-        assert ll["aps"][-1] > ll["prior"][-1] + 2, (seed, ll)
+        # per case: the baseline tracks the posterior; APS (no confidence noise) is a point estimate: every run
+        # returns the same configuration, which fits y far better than the prior's draws
+        assert tv["baseline"][-1] < 0.35, (seed, tv)
+        assert aps.diagnostics["tokens"].unique(dim=0).shape[0] == 1
+        assert ll["aps"][-1] > ll["prior"][-1], (seed, ll)
+        hits = hits + int(oracle.config_index(aps.diagnostics["tokens"][:1]) == posterior.argmax())
         # every position committed exactly once, one per outer step here (L = 4 = steps)
         order = aps.diagnostics["commit_order"]
         assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(RUNS, 4))
@@ -137,10 +142,13 @@ def test_aps_against_the_exact_posterior_next_to_the_baseline_and_ablations(seed
         torch.testing.assert_close(aps.x, oracle.decode_ids(aps.diagnostics["tokens"]))
     mean = {name: sum(values) / len(values) for name, values in tv.items()}
     mean_ll = {name: sum(values) / len(values) for name, values in ll.items()}
-    # APS is an optimiser, not a posterior sampler: on average its TV is several times the baseline's (measured
-    # 0.62 against 0.09, floor 0.02); sampling instead of the quantized expectation fits y worse on average
-    # (-11.9 against -6.2; not on every case: seed 3 is the other way round)
+    # APS is an optimiser, not a posterior sampler: its TV is 1 - p(z_APS | y), several times the baseline's on
+    # average (measured 0.61 against 0.09, floor 0.02); it returns the posterior mode on 2 of the 5 cases (those
+    # with a dominant mode) and a configuration with low posterior mass on the others. Sampling instead of the
+    # quantized expectation spreads the runs (lower TV) but fits y worse on average (log-likelihood -10.7
+    # against -4.2; not on every case: seed 3 is the other way round): "locks in spurious tokens"
     assert mean["floor"] < mean["baseline"] < 0.2 and mean["aps"] > 3 * mean["baseline"], mean
+    assert hits >= 1 and mean_ll["aps"] > mean_ll["prior"] + 20, (hits, mean_ll)
     assert mean_ll["aps"] > mean_ll["no_qe"] + 2, mean_ll
 
 
