@@ -1,0 +1,192 @@
+"""One command for a machine with a GPU: the CUDA checks and timings that CPU-only CI cannot make.
+
+    bash benchmarks/gpu_check.sh                  # on a CUDA machine: < 8 min on one GPU
+    bash benchmarks/gpu_check.sh --cpu-smoke      # the same steps on the CPU, tiny: checks this script itself
+
+Steps (each with its own time limit; a failed or timed-out step is recorded and the next one runs):
+
+1. ``contract``: the CUDA contract tests (``tests/test_operator_contract.py -k cuda``: every registered operator
+   on CUDA against its CPU result);
+2. ``main-job``: the README main job on CUDA (``invdiff reconstruct data/brain_t1_multicoil.h5 --solver reddiff
+   --accel 4``), its PSNR / SSIM line kept;
+3. ``speed``: ``python -m benchmarks.run --device cuda --network-dtype bfloat16`` (bf16 around the network), which
+   writes its own ``benchmarks/results/<date>-cuda*.json/.md``;
+4. ``batch``: ``invdiff batch`` with a diffusion solver (RED-Diff, 100 steps) over the shipped multi-coil scans,
+   plainly and under ``torchrun --nproc_per_node=<GPUs>`` (NCCL), slices per second of each, and whether the two
+   runs' outputs are byte-identical (not required across launches on GPUs: recorded, not asserted).
+
+Writes ``benchmarks/results/gpu_check-<date>-<device>.json`` and ``.md`` (atomically): per step the command, exit
+status, wall seconds and the lines worth keeping; the GPU, torch and CUDA versions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+
+from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+
+BUDGET_S = 8 * 60
+BATCH_SCANS = ("brain_t1_multicoil.h5", "brain_multislice_multicoil.h5")
+KEEP = re.compile(r"(PSNR|passed|failed|skipped|error|slices computed|batch plan|wrote .*\.(json|md)|mean of)", re.I)
+
+
+def run_step(name: str, argv: list[str], timeout: float, env: dict) -> dict:
+    """Run ``argv``; its exit status, wall seconds and the output lines worth keeping."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        status, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        status = "timeout"
+        output = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(errors="replace")
+    seconds = time.perf_counter() - start
+    lines = [line.strip() for line in output.splitlines() if KEEP.search(line)]
+    record = {"name": name, "command": " ".join(argv), "status": status, "seconds": round(seconds, 2),
+              "lines": lines[-20:]}
+    if status != 0:
+        record["tail"] = output.splitlines()[-30:]
+    print(f"[gpu_check] {name}: status {status}, {seconds:.1f} s", flush=True)
+    for line in lines[-6:]:
+        print(f"    {line}", flush=True)
+    return record
+
+
+def rate(record: dict) -> float | None:
+    """Slices per second of the compute phase, from invdiff batch's closing line."""
+    for line in record.get("lines", []):
+        found = re.search(r"(\d+) slices computed in ([\d.]+) s", line)
+        if found and float(found.group(2)) > 0:
+            return int(found.group(1)) / float(found.group(2))
+    return None
+
+
+def same_outputs(a: Path, b: Path, names) -> bool | None:
+    try:
+        return all(hashlib.sha256((a / n).read_bytes()).digest() == hashlib.sha256((b / n).read_bytes()).digest()
+                   for n in names)
+    except FileNotFoundError:
+        return None
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": device, "host_cpus": os.cpu_count()}
+    if device == "cuda":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run every step on the CPU with tiny settings (checks the script, times nothing useful)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--steps", type=int, default=100, help="diffusion steps of the main job and batch")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("[gpu_check] no CUDA device here: nothing to check (use --cpu-smoke to exercise the script)")
+        return 0
+    device = "cpu" if smoke else "cuda"
+    steps = 2 if smoke else args.steps
+    gpus = 0 if smoke else torch.cuda.device_count()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if smoke:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    py = sys.executable
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    started = time.perf_counter()
+    left = lambda: max(30.0, BUDGET_S - (time.perf_counter() - started))  # noqa: E731
+    steps_done, batch_summary = [], {}
+    if smoke and args.out == RESULTS:          # a smoke run is no measurement: keep it out of the results
+        args.out = Path(tempfile.mkdtemp(prefix="gpu_check-smoke-"))
+    try:
+        steps_done.append(run_step("contract", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                                "tests/test_operator_contract.py", "-k", "cuda"],
+                                   min(90, left()), env))
+        main_job = [py, "-m", "invdiff.cli", "reconstruct", "data/brain_t1_multicoil.h5", "--solver", "reddiff",
+                    "--accel", "4", "--out", str(work / "brain_t1_reddiff.h5"), "--device", device, "--steps",
+                    str(steps), "--no-progress"]
+        steps_done.append(run_step("main-job", main_job, min(120, left()), env))
+        speed = [py, "-m", "benchmarks.run", "--device", device, "--out", str(args.out)]
+        speed += ["--quick"] if smoke else ["--network-dtype", "bfloat16"]
+        steps_done.append(run_step("speed", speed, min(240, left()), env))
+        scans = work / "scans"
+        scans.mkdir()
+        if smoke:
+            import numpy as np
+
+            from invdiff.datasets.synthetic import write_fake_fastmri
+            names = ["a.h5", "b.h5"]
+            for i, name in enumerate(names):
+                image = np.zeros((2, 32, 32))
+                image[:, 8:24, 8 + i:24] = 1.0
+                write_fake_fastmri(scans / name, image, num_coils=4, seed=i)
+        else:
+            names = list(BATCH_SCANS)
+            for name in names:
+                shutil.copy(REPO / "data" / name, scans / name)
+        batch = ["batch", str(scans), "--solver", "reddiff", "--steps", str(steps), "--no-progress"]
+        batch += ["--accel", "2", "--center-fraction", "0.3"] if smoke else []      # 32 columns: a wider centre
+        plain = run_step("batch-1-process", [py, "-m", "invdiff.cli", *batch, "--out", str(work / "b1"),
+                                             "--device", device], min(150, left()), env)
+        steps_done.append(plain)
+        nproc = max(gpus, 1) if not smoke else 2
+        ranked = run_step(f"batch-torchrun-{nproc}", [py, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={nproc}", "-m", "invdiff.cli", *batch,
+                                                      "--out", str(work / "bn"), "--device", "auto" if not smoke
+                                                      else "cpu"], min(150, left()), env)
+        steps_done.append(ranked)
+        batch_summary = {"scans": names, "steps": steps, "ranks": nproc, "slices_per_s_1_process": rate(plain),
+                         f"slices_per_s_{nproc}_ranks": rate(ranked),
+                         "outputs_byte_identical": same_outputs(work / "b1", work / "bn", names)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "mode": "cpu-smoke" if smoke else "cuda", "environment": environment(device),
+              "total_seconds": round(time.perf_counter() - started, 1), "steps": steps_done,
+              "batch": batch_summary}
+    stem = f"gpu_check-{datetime.date.today().isoformat()}-{'cpu-smoke' if smoke else 'cuda'}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / f"{stem}.json", report)
+    with atomic_open(args.out / f"{stem}.md", "w") as handle:
+        handle.write(markdown(report))
+    print(f"[gpu_check] wrote {args.out / stem}.json and .md ({report['total_seconds']} s)")
+    return 0 if all(step["status"] == 0 for step in steps_done) else 1
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# gpu_check, {report['date']} ({report['mode']})", "",
+             f"torch {env['torch']}, CUDA {env['cuda']}, {', '.join(env.get('gpus', [])) or 'no GPU'}; "
+             f"total {report['total_seconds']} s", "", "| step | status | seconds | kept lines |",
+             "|---|---|---|---|"]
+    for step in report["steps"]:
+        kept = "<br>".join(step["lines"][-4:]).replace("|", "/")
+        lines.append(f"| {step['name']} | {step['status']} | {step['seconds']} | {kept} |")
+    lines += ["", "batch: " + json.dumps(report["batch"]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
