@@ -295,12 +295,13 @@ def figure(path: Path, data: dict, final_masks: dict, width: int) -> None:
                 ylabel="lines chosen")
     fig.colorbar(shown, ax=axes[0], label="choice number (0: calibration block)")
     scores = np.asarray(data["scores"][0], dtype=float)
+    scores = scores - np.nanmin(scores)               # the score's floor (N log N for agreeing particles) is common
     axes[1].bar(np.arange(width), np.nan_to_num(scores, nan=0.0), color="tab:blue", width=1.0)
     if order:
         axes[1].bar([order[0]], [scores[order[0]]], color="tab:red", width=1.0, label=f"chosen: column {order[0]}")
         axes[1].legend()
     axes[1].set(title=f"per-line score at the first selection (step {data['selection_steps'][0]} of {data['steps']})",
-                xlabel="k-space column", ylabel="score (measured lines: 0)")
+                xlabel="k-space column", ylabel="score - lowest score (measured: 0)")
     names = list(final_masks)
     axes[2].imshow(np.stack([final_masks[n] for n in names]).astype(float), aspect="auto", cmap="gray_r",
                    interpolation="nearest")
