@@ -99,6 +99,8 @@ def _cmd_reconstruct(args) -> int:
 
     _set_threads(args)
     overrides = parse_set(args.set, solver=args.solver).get(args.solver, {})
+    if args.budget is not None:           # sugar for --set SOLVER:budget=N (active solvers)
+        overrides = {**overrides, **parse_set([f"budget={args.budget}"], solver=args.solver)[args.solver]}
     request = ReconstructionRequest(
         scan=args.scan, solver=args.solver, out=args.out, acceleration=args.accel,
         center_fraction=args.center_fraction, mask_kind=args.mask, slices=args.slices, device=args.device,
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5 (fastMRI submission format)")
     p.add_argument("--png", action="store_true", help="also save a figure next to --out (same name, .png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its figure) if they exist")
+    p.add_argument("--budget", type=int, default=None,
+                   help="lines an active solver (ads) may measure in all, calibration block included")
     p.add_argument("--mask-file", default=None,
                    help="a column mask to use instead of fastMRI's (.npy, bool or 0/1, one entry per k-space column)")
     p.set_defaults(run=_cmd_reconstruct)

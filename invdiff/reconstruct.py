@@ -58,6 +58,7 @@ class ReconstructionReport:
     seconds: float
     attrs: dict = field(default_factory=dict)
     figure: Path | None = None
+    mask: np.ndarray | None = None          # the measured columns, when an active solver chose them
 
     def summary_lines(self) -> list[str]:
         count = self.reconstruction.shape[0]
@@ -103,14 +104,22 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
     values = settings.effective(solver, "mri", request.overrides, steps=request.steps)
     device = resolve_device(request.device)
     prior = resolve_prior(request.prior, device) if needs_prior(solver) else None
-    outputs, zero_filled, targets, scales, sigmas, spacings = [], [], [], [], [], []
+    outputs, zero_filled, targets, scales, sigmas, spacings, masks, orders = [], [], [], [], [], [], [], []
     nfe = 0
+    active = "budget" in values            # an active solver chooses its own lines, starting from the calibration block
     with read_scan(request.scan) as scan:
         chosen = scan_tasks.parse_slices(request.slices, scan.num_slices)
         mask, mask_info = scan_tasks.scan_mask(scan, acceleration=request.acceleration,
                                                center_fraction=request.center_fraction, mask_kind=request.mask_kind,
                                                mask_file=request.mask_file)
         scan_tasks.check_calibration(scan, mask)
+        if active:
+            if scan.mask is not None:
+                raise InputError(f"{request.scan}: a test-set file holds only its own lines; {solver} needs a fully "
+                                 f"sampled scan to measure the lines it chooses")
+            mask = scan_tasks.calibration_block(mask)
+            mask_info = {**mask_info, "mask_source": f"{solver}: starts from the calibration block, chooses the rest",
+                         "sampled_columns": int(mask.sum())}
         for count, image in enumerate(scan_tasks.scan_images(scan, chosen, mask, device=device), start=1):
             callback = None
             if request.progress and prior is not None:
@@ -118,6 +127,9 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
                 callback = ProgressBar(description=f"{solver} slice {image.index} ({count}/{len(chosen)})")
             solution = solve(image, solver, prior, values, seed=request.seed, callback=callback)
             nfe += int(solution.result.diagnostics.get("nfe", 0))
+            if "mask" in solution.result.diagnostics:                  # the lines an active solver measured
+                masks.append(np.asarray(solution.result.diagnostics["mask"]).astype(bool))
+                orders.append([int(i) for i in solution.result.diagnostics.get("acquisition_order", [])])
             outputs.append(solution.image)
             zero_filled.append(solve(image, "zero-filled", None, {}, seed=request.seed).image)
             targets.append(image.target)
@@ -145,11 +157,17 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
         record = prior_record(prior)
         attrs["prior"], attrs["prior_sha256"] = record["name"], record["sha256"]
         attrs["prior_steps_trained"] = record["steps_trained"]
+    if masks:
+        attrs["acquisition_order"] = orders                           # per slice, the columns in the order measured
+        attrs["sampled_columns"] = [int(m.sum()) for m in masks]
     if scores is not None:
         attrs.update({f"metric_{k}": v for k, v in scores.items() if k != "protocol"})
         attrs["metrics_protocol"] = metrics.PROTOCOL
-    return ReconstructionReport(Path(request.out), reconstruction, zero_filled_volume, target_volume, scores,
-                                zf_scores, time.perf_counter() - start, attrs)
+    report = ReconstructionReport(Path(request.out), reconstruction, zero_filled_volume, target_volume, scores,
+                                  zf_scores, time.perf_counter() - start, attrs)
+    if masks:
+        report.mask = masks[0] if all(np.array_equal(m, masks[0]) for m in masks) else np.stack(masks)
+    return report
 
 
 def reconstruct_scan_to_file(request: ReconstructionRequest, *, overwrite: bool = False) -> ReconstructionReport:
@@ -159,7 +177,7 @@ def reconstruct_scan_to_file(request: ReconstructionRequest, *, overwrite: bool 
 
     out, figure = check_output(request, overwrite)
     report = reconstruct_scan(request)
-    write_reconstruction(out, report.reconstruction, attrs=report.attrs)
+    write_reconstruction(out, report.reconstruction, attrs=report.attrs, mask=report.mask)
     if figure is not None:
         from invdiff.plotting import save_reconstruction_figure
         save_reconstruction_figure(figure, target=report.target, zero_filled=report.zero_filled,

@@ -286,3 +286,23 @@ def test_mask_file_is_used_as_given_and_checked(tmp_path, capsys):
     assert main(["reconstruct", str(scan), "--mask-file", str(tmp_path / "short.npy"), "--out",
                  str(tmp_path / "s.h5"), "--no-progress"]) == 2
     assert "expected (16,)" in capsys.readouterr().err and not (tmp_path / "s.h5").exists()
+
+
+def test_active_solver_writes_its_mask_and_order(tmp_path):
+    """`--solver ads --budget N` on a fully sampled scan: it starts from the calibration block, the file holds the
+    reconstruction, the measured columns as dataset 'mask' (N of them) and the order they were measured in; the
+    mask written can be given back with --mask-file to any solver."""
+    import json
+    scan = _good_scan(tmp_path / "scan.h5")
+    out = tmp_path / "ads.h5"
+    assert main(["reconstruct", str(scan), "--solver", "ads", "--budget", "8", "--center-fraction", "0.3",
+                 "--prior", "brain-mri-complex", "--set", "steps=4", "--set", "particles=2", "--out", str(out),
+                 "--no-progress"]) == 0
+    with h5py.File(out, "r") as h5:
+        mask = h5["mask"][()]
+        order = json.loads(h5.attrs["acquisition_order"])
+    assert mask.dtype == bool and mask.shape == (16,) and mask.sum() == 8
+    assert len(order[0]) == 8 - 5 and all(mask[i] for i in order[0])         # 5 calibration columns at 0.3
+    np.save(tmp_path / "m.npy", mask)
+    assert main(["reconstruct", str(scan), "--solver", "cg-sense", "--mask-file", str(tmp_path / "m.npy"),
+                 "--out", str(tmp_path / "cg.h5"), "--no-progress"]) == 0

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def write_reconstruction(path: str | os.PathLike, reconstruction, attrs: dict | None = None, mean=None,
-                         std=None, samples=None) -> Path:
+                         std=None, samples=None, mask=None) -> Path:
     """Write a fastMRI submission file atomically: ``reconstruction`` float32 ``(slices, H, W)``.
 
     ``reconstruction``: an array/tensor ``(slices, H, W)`` or ``(H, W)``; complex values and
@@ -49,6 +49,11 @@ def write_reconstruction(path: str | os.PathLike, reconstruction, attrs: dict | 
     samples = samples if samples is not None else result_samples
     if samples is not None:
         extras["samples"] = _as_samples(samples, volume.shape)
+    if mask is not None:          # the k-space columns that were measured: (W,) as in fastMRI test files, or per slice
+        mask = np.asarray(mask).astype(bool)
+        if mask.ndim not in (1, 2) or (mask.ndim == 2 and mask.shape[0] != volume.shape[0]):
+            raise ValueError(f"mask has shape {mask.shape}; expected (W,) or ({volume.shape[0]}, W)")
+        extras["mask"] = mask
     all_attrs = {"invdiff_version": __version__, "metrics_protocol": PROTOCOL, **(attrs or {})}
     encoded_attrs = {key: _attr_value(key, value) for key, value in all_attrs.items() if value is not None}
 

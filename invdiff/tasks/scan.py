@@ -168,6 +168,18 @@ def scan_mask(scan, *, acceleration: int = 4, center_fraction: float | None = No
     return mask.astype(bool), info
 
 
+def calibration_block(mask: np.ndarray) -> np.ndarray:
+    """Only the contiguous sampled block around the centre column of ``mask``: where an active solver starts."""
+    width = calibration_width(mask)
+    block = np.zeros_like(mask, dtype=bool)
+    if width:
+        left = len(mask) // 2
+        while left > 0 and mask[left - 1]:
+            left -= 1
+        block[left:left + width] = True
+    return block
+
+
 def check_calibration(scan, mask: np.ndarray) -> int:
     """The calibration width of ``mask``; :class:`InputError` when a multi-coil scan has too few lines for ESPIRiT."""
     width = calibration_width(mask)
@@ -282,6 +294,6 @@ def scan_tasks(scan_path: str | Path, accelerations: Sequence[int], *, slices: s
     return tasks
 
 
-__all__ = ["RetrospectiveAcquisition", "scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
+__all__ = ["RetrospectiveAcquisition", "calibration_block", "scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
            "calibration_width", "check_calibration", "pixel_spacing_mm", "default_center_fraction",
            "STANDARD_CENTER_FRACTIONS", "NORMALISATION_PERCENTILE", "MIN_CALIBRATION_LINES", "MASK_KINDS"]
