@@ -1,0 +1,213 @@
+"""APS, its ablations and the masked-diffusion baseline on brain images, next to RED-Diff with the continuous prior.
+
+Tasks (built by the task layer, as ``benchmarks/run.py`` builds its own): ``mri-4x`` (``data/brain_t1_multicoil.h5``,
+8 coils, ESPIRiT, fastMRI random mask at 4x), ``sr-4x`` (the T1 slice's target, 4x bicubic, 1 % noise),
+``inpainting-box`` (the centre half box missing) and ``inpainting-random`` (50 % of the pixels observed).
+Solvers per task: the task's baseline (zero-filled / ``A^+ y``), ``reddiff`` on the continuous prior
+(``brain-mri-complex``, the settings table's row), and on the token prior: ``aps`` (signature defaults: the
+paper's 15 x 100 steps, L1 measurement loss: LPIPS cannot be had offline), ``aps`` without the quantized
+expectation, ``aps`` with prior-confidence remasking, and ``masked-diffusion`` (linear likelihood reweighting).
+Reported: PSNR / SSIM (fastMRI protocol on the task's output image), wall seconds, token-model calls (nfe) and
+decoder passes. ``--figure`` writes the anchors committed over APS's outer steps on the first task to
+``data/figures/aps_anchors-<task>.png``.
+
+    python benchmarks/anchored_images.py --token-prior invdiff/priors/weights/tokens-brain.safetensors
+    python benchmarks/anchored_images.py --token-prior runs/tokens --tasks mri-4x --inner-steps 30
+    python benchmarks/anchored_images.py --tiny --token-prior runs/tokens-tiny      # seconds: 32 px images
+
+On one CPU core an APS reconstruction at 384 x 192 costs ~1500 decoder forward/backward passes (tens of
+minutes); on a GPU, seconds. Writes ``benchmarks/results/anchored_images-<date>[-tiny].json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from invdiff import metrics, settings  # noqa: E402
+from invdiff.priors.tokens import load_token_prior  # noqa: E402
+from invdiff.tasks import Task, block_average, inpainting_task, scan_tasks, solve, superres_task  # noqa: E402
+
+log = logging.getLogger("benchmarks.anchored_images")
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+FIGURES = REPO / "data" / "figures"
+TASKS = ("mri-4x", "sr-4x", "inpainting-box", "inpainting-random")
+# row name -> (solver, prior kind, overrides over the settings table)
+ROWS = {
+    "baseline": (None, None, {}),
+    "reddiff (continuous prior)": ("reddiff", "continuous", {}),
+    "aps": ("aps", "tokens", {}),
+    "aps, no quantized expectation": ("aps", "tokens", {"quantized_expectation": False}),
+    "aps, prior-confidence remasking": ("aps", "tokens", {"remasking": "prior"}),
+    "masked-diffusion": ("masked-diffusion", "tokens", {}),
+}
+
+
+def _t1_image(size: int | None) -> np.ndarray:
+    with h5py.File(REPO / "data" / "brain_t1_multicoil.h5", "r") as h5:
+        image = h5["reconstruction_rss"][0]
+    return image if size is None else block_average(image, size)
+
+
+def build_tasks(names, tiny: bool, workdir: Path) -> list[Task]:
+    from invdiff.datasets.synthetic import write_fake_fastmri
+    from invdiff.operators.inpainting import box_mask, random_pixel_mask
+
+    image = _t1_image(32 if tiny else None)
+    image = image[: image.shape[0] // 4 * 4, : image.shape[1] // 4 * 4]         # token grids need multiples of 4
+    built = []
+    for name in names:
+        if name == "mri-4x":
+            scan = REPO / "data" / "brain_t1_multicoil.h5"
+            if tiny:
+                scan = workdir / "tiny_scan.h5"
+                write_fake_fastmri(scan, image, num_coils=4, noise_level=0.01 * float(image.max()), seed=0)
+            task = scan_tasks(scan, [4], center_fraction=0.17 if tiny else None)[0]
+        elif name == "sr-4x":
+            task = superres_task(image, 4, name=name)
+        elif name == "inpainting-box":
+            task = inpainting_task(image, box_mask(image.shape), name=name)
+        elif name == "inpainting-random":
+            task = inpainting_task(image, random_pixel_mask(image.shape, 0.5, generator=0), name=name)
+        else:
+            raise SystemExit(f"--tasks: unknown task {name!r}; expected some of {', '.join(TASKS)}")
+        task.name = name
+        built.append(task)
+    return built
+
+
+def continuous_prior(args, task: Task):
+    if args.tiny:
+        from invdiff.priors.analytic import smooth_gaussian_prior
+        return smooth_gaussian_prior(task.in_shape)
+    from invdiff.compare import resolve_prior
+    return resolve_prior(args.continuous_prior, torch.device("cpu"))
+
+
+class AnchorRecorder:
+    """APS callback keeping, per outer step, the committed mask and the current image (first batch element)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, step, total, state):
+        self.steps.append({"step": step, "masked": state["masked"][0].clone(), "x": state["x"][:1].clone()})
+
+
+def anchor_figure(recorder: AnchorRecorder, task: Task, grid, path: Path) -> Path:
+    """Rows: the image after each outer step (masked tokens at the prior's expectation) and the committed
+    positions (white: committed, the newest in red)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = recorder.steps[:: max(1, len(recorder.steps) // 6)][:6] + recorder.steps[-1:]
+    fig, axes = plt.subplots(2, len(shown), figsize=(2.2 * len(shown), 4.6), squeeze=False)
+    previous = torch.ones_like(shown[0]["masked"])
+    for column, record in enumerate(shown):
+        image = task.images[0].to_image(record["x"])
+        axes[0, column].imshow(image, cmap="gray")
+        committed = (~record["masked"]).reshape(grid).float().numpy()
+        newest = (previous & ~record["masked"]).reshape(grid).numpy()
+        rgb = np.stack([committed, committed * (1 - newest), committed * (1 - newest)], axis=-1)
+        axes[1, column].imshow(rgb, interpolation="nearest")
+        axes[0, column].set_title(f"step {record['step'] + 1}", fontsize=8)
+        previous = record["masked"]
+        for row in range(2):
+            axes[row, column].axis("off")
+    fig.suptitle(f"APS anchors committed over the outer steps ({task.name})", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run(args) -> dict:
+    token_prior = load_token_prior(args.token_prior)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        tasks = build_tasks(args.tasks.split(","), args.tiny, Path(workdir))
+        for index, task in enumerate(tasks):
+            image = task.images[0]
+            for name, (solver, kind, overrides) in ROWS.items():
+                solver = solver or task.baseline
+                values = dict(task.hyperparameters(solver))
+                values.update(overrides)
+                if solver == "aps":
+                    values.update({k: v for k, v in (("steps", args.steps), ("inner_steps", args.inner_steps))
+                                   if v is not None})
+                prior = token_prior if kind == "tokens" else continuous_prior(args, task) if kind else None
+                recorder = AnchorRecorder() if (name == "aps" and index == 0 and args.figure) else None
+                start = time.perf_counter()
+                solution = solve(image, solver, prior, values, seed=args.seed, callback=recorder)
+                seconds = time.perf_counter() - start
+                scores = metrics.evaluate(image.target[None], solution.image[None])
+                diagnostics = solution.result.diagnostics
+                rows.append({"task": task.name, "row": name, "solver": solver, "psnr": scores["psnr"],
+                             "ssim": scores["ssim"], "seconds": seconds, "nfe": int(diagnostics.get("nfe", 0)),
+                             "decoder_calls": int(diagnostics.get("decoder_calls", 0)),
+                             "hyperparameters": {k: v for k, v in values.items() if not callable(v)}})
+                log.info("%s / %s: PSNR %.2f SSIM %.4f %.1f s", task.name, name, scores["psnr"], scores["ssim"], seconds)
+                if recorder is not None:
+                    grid = token_prior.grid_for(task.in_shape)
+                    out = Path(args.figure_dir) / f"aps_anchors-{task.name}{'-tiny' if args.tiny else ''}.png"
+                    rows[-1]["figure"] = str(anchor_figure(recorder, task, grid, out))
+    return {"date": datetime.date.today().isoformat(), "token_prior": str(args.token_prior),
+            "token_prior_metadata": getattr(token_prior, "metadata", {}), "tiny": args.tiny,
+            "continuous_prior": "smooth_gaussian_prior (tiny)" if args.tiny else args.continuous_prior,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# APS on brain images ({report['date']}{', tiny' if report['tiny'] else ''})", "",
+             f"Token prior `{report['token_prior']}`; continuous prior for RED-Diff: {report['continuous_prior']}; "
+             f"torch {report['torch']}, {report['threads']} thread(s). APS uses the L1 measurement loss only "
+             "(the paper's LPIPS term needs weights that cannot be had offline).", "",
+             "| task | solver | PSNR | SSIM | seconds | nfe | decoder passes |", "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['task']} | {row['row']} ({row['solver']}) | {row['psnr']:.2f} | {row['ssim']:.4f} | "
+                     f"{row['seconds']:.1f} | {row['nfe']} | {row['decoder_calls']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--token-prior", required=True, help="exported token prior (.safetensors) or a run folder")
+    parser.add_argument("--continuous-prior", default="brain-mri-complex", help="prior of the RED-Diff row")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--steps", type=int, default=None, help="APS outer steps (default: the signature's)")
+    parser.add_argument("--inner-steps", type=int, default=None, help="APS inner steps (default: the signature's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tiny", action="store_true", help="32 px images and a synthetic 4-coil scan (smoke run)")
+    parser.add_argument("--figure", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--figure-dir", default=str(FIGURES))
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/anchored_images-DATE)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    report = run(args)
+    stem = Path(args.out) if args.out else RESULTS / f"anchored_images-{report['date']}{'-tiny' if args.tiny else ''}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
