@@ -200,6 +200,7 @@ def _kill_and_restart(tmp_path: Path, restart_ranks: int) -> dict:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     killed_seconds = time.perf_counter() - start
+    _wait_for_unlock(out / ".batch" / "lock")
     assert job.returncode == -signal.SIGKILL
     # Rank 0 had finished file0 (slices 0, 1) and file1 slice 0; rank 1 file2 and file3 slice 0.
     done_before = sorted(p.name for p in out.glob("*.h5"))
@@ -247,6 +248,23 @@ def _kill(pid: int) -> None:
         if state in ("Z", "X"):
             return
         time.sleep(0.01)
+
+
+def _wait_for_unlock(path: Path, timeout: float = 30.0) -> None:
+    """Until no process holds rank 0's lock: a killed process's threads can outlive the signal by a moment."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    with open(path) as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{path} still locked {timeout} s after the kill"
+                time.sleep(0.05)
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return
 
 
 def _restart_in_process(inputs: Path, out: Path) -> str:
