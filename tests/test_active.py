@@ -218,3 +218,24 @@ def test_pixel_selection_for_inpainting():
     assert d["mask"].shape == (8, 8) and d["mask"][4:6, 2:4].all()
     for request in acquisition.requests:                                     # nothing outside the chosen patches
         assert not (request.reshape(8, 8) & ~d["mask"]).any()
+
+
+@pytest.mark.parametrize("options", [{"weights": "likelihood"}, {"guidance_norm": "ensemble"},
+                                     {"score_dc_iterations": 3}])
+def test_options_still_find_the_column(options):
+    prior = hot_column_prior()
+    problem, _ = column_problem(prior)
+    result = sample_ads(problem, prior, budget=3, particles=4, steps=20, generator=torch.Generator().manual_seed(0),
+                        **options)
+    assert result.diagnostics["acquisition_order"][0] in HOT_CENTRED
+
+
+def test_magnitude_mean_output_is_the_mean_magnitude():
+    """The reference's output: |x| is the particles' mean magnitude, the phase that of their mean."""
+    prior = hot_column_prior()
+    problem, _ = column_problem(prior)
+    result = sample_ads(problem, prior, budget=4, particles=3, steps=10, output="magnitude-mean",
+                        generator=torch.Generator().manual_seed(0))
+    particles = result.samples[:, 0]
+    expected = torch.linalg.vector_norm(particles, dim=1).mean(0)
+    torch.testing.assert_close(torch.linalg.vector_norm(result.x[0], dim=0), expected, rtol=1e-5, atol=1e-6)

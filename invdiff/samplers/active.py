@@ -284,7 +284,9 @@ def _data_consistency(x: torch.Tensor, operator, y: torch.Tensor, iterations: in
         return x
     rhs = operator.A_adjoint(y - operator.A(x))
     normal = getattr(operator, "A_adjoint_A", None) or (lambda v: operator.A_adjoint(operator.A(v)))
-    return x + conjugate_gradient(normal, rhs, max_iter=iterations, tol=1e-10)
+    # stop at the dtype's resolution: past it CG on a projection (Cartesian, inpainting) divides rounding by rounding
+    tol = 1e-5 if x.dtype == torch.float32 else 1e-12
+    return x + conjugate_gradient(normal, rhs, max_iter=iterations, tol=tol)
 
 
 @register_solver("ads", kind="diffusion")
@@ -372,6 +374,8 @@ def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, par
                         score = mixture_entropy_scores(pairwise_squared_distances(predictions), sigma,
                                                        exponent=exponent, weights=mixture).cpu()
                     selectable = selectable_everywhere & ~candidates.taken(mask).cpu()
+                    if not torch.isfinite(score[selectable]).all():
+                        raise FloatingPointError(f"ads: non-finite scores at step {i} (particles diverged?)")
                     score = torch.where(selectable, score, torch.tensor(float("nan"), dtype=score.dtype))
                     k = min(schedule[i], int(selectable.sum()))
                     if k > 0:
