@@ -257,6 +257,9 @@ def test_plane_metrics_differ_by_plane_and_are_perfect_on_the_target():
     metrics = plane_metrics(volume, noisy, maxval=1.0)
     assert metrics["psnr"]["axial"] != pytest.approx(metrics["psnr"]["coronal"], abs=0.1)
     assert plane_metrics(volume, volume, maxval=1.0)["ssim"]["sagittal"] == pytest.approx(1.0)
+    # all-zero target images (air) are not scored: they would give unbounded PSNR
+    empty = (volume.reshape(16, -1).max(axis=1) == 0).sum()
+    assert empty > 0 and metrics["images"]["axial"] == 16 - empty and np.isfinite(metrics["psnr"]["axial"])
 
 
 # ---- the benchmark script ---------------------------------------------------------------------------------------

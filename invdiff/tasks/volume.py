@@ -89,16 +89,21 @@ def volume_planes(volume: np.ndarray, plane: str) -> np.ndarray:
 def plane_metrics(target: np.ndarray, volume: np.ndarray, *, maxval: float | None = None) -> dict:
     """PSNR and SSIM of ``volume`` against ``target`` ((D, H, W)) in each plane, as DiffusionMBIR reports them: the
     mean over the 2-D images of the plane of each image's PSNR / SSIM, with one ``maxval`` for the volume (default
-    the target's maximum). Also ``volume_psnr`` (fastMRI's per-volume PSNR, plane independent).
-    Returns ``{"psnr": {plane: dB}, "ssim": {plane: value}, "volume_psnr": dB}``."""
+    the target's maximum). Images whose target is all zero (air around a head or a phantom) are left out: their
+    PSNR is unbounded and would dominate the mean. Also ``volume_psnr`` (fastMRI's per-volume PSNR, plane
+    independent) and the number of images scored per plane.
+    Returns ``{"psnr": {plane: dB}, "ssim": {plane: value}, "images": {plane: n}, "volume_psnr": dB}``."""
     from invdiff.metrics import psnr, ssim
 
     target, volume = np.asarray(target, dtype=np.float64), np.asarray(volume, dtype=np.float64)
     maxval = float(target.max()) if maxval is None else float(maxval)
-    out = {"psnr": {}, "ssim": {}, "volume_psnr": float(psnr(target, volume, maxval=maxval))}
+    out = {"psnr": {}, "ssim": {}, "images": {}, "volume_psnr": float(psnr(target, volume, maxval=maxval))}
     for plane in PLANES:
         gt, pred = volume_planes(target, plane), volume_planes(volume, plane)
+        keep = gt.reshape(len(gt), -1).max(axis=1) > 0
+        gt, pred = gt[keep], pred[keep]
         mse = ((gt - pred) ** 2).reshape(len(gt), -1).mean(axis=1)
+        out["images"][plane] = int(keep.sum())
         out["psnr"][plane] = float(np.mean(10 * np.log10(maxval ** 2 / np.maximum(mse, 1e-30))))
         # SSIM's 7 x 7 window needs 7 x 7 images: a thin volume has no coronal / sagittal SSIM (NaN)
         out["ssim"][plane] = float(ssim(gt, pred, maxval=maxval)) if min(gt.shape[-2:]) >= 7 else float("nan")
