@@ -105,7 +105,7 @@ def _cmd_reconstruct(args) -> int:
         scan=args.scan, solver=args.solver, out=args.out, acceleration=args.accel,
         center_fraction=args.center_fraction, mask_kind=args.mask, slices=args.slices, device=args.device,
         seed=args.seed, png=args.png, prior=args.prior, overrides=overrides, steps=args.steps,
-        progress=not args.no_progress, mask_file=args.mask_file)
+        progress=not args.no_progress, mask_file=args.mask_file, safeguard=args.safeguard)
     report = reconstruct_scan_to_file(request, overwrite=args.overwrite)
     for line in report.summary_lines():
         print(line)
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5 (fastMRI submission format)")
     p.add_argument("--png", action="store_true", help="also save a figure next to --out (same name, .png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its figure) if they exist")
+    p.add_argument("--safeguard", action="store_true",
+                   help="check a prior solver on held-out k-space columns against CG-SENSE and return CG-SENSE's "
+                        "image when the prior predicts them worse (costs one more run; see invdiff.tasks.safeguard)")
     p.add_argument("--budget", type=int, default=None,
                    help="lines an active solver (ads) may measure in all, calibration block included")
     p.add_argument("--mask-file", default=None,

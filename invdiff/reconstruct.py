@@ -45,6 +45,7 @@ class ReconstructionRequest:
     steps: int | None = None
     progress: bool = True
     mask_file: str | None = None
+    safeguard: bool = False                 # held-out k-space check (invdiff.tasks.safeguard) for prior solvers
 
 
 @dataclass
@@ -105,6 +106,9 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
     device = resolve_device(request.device)
     prior = resolve_prior(request.prior, device) if needs_prior(solver) else None
     outputs, zero_filled, targets, scales, sigmas, spacings, masks, orders = [], [], [], [], [], [], [], []
+    verdicts = []
+    if request.safeguard and not needs_prior(solver):
+        raise InputError(f"--safeguard checks a prior against the data; {solver} uses no prior")
     nfe = 0
     active = "budget" in values            # an active solver chooses its own lines, starting from the calibration block
     with read_scan(request.scan) as scan:
@@ -125,7 +129,13 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
             if request.progress and prior is not None:
                 from invdiff.callbacks import ProgressBar
                 callback = ProgressBar(description=f"{solver} slice {image.index} ({count}/{len(chosen)})")
-            solution = solve(image, solver, prior, values, seed=request.seed, callback=callback)
+            if request.safeguard:
+                from invdiff.tasks.safeguard import safeguarded_solve
+                solution, verdict = safeguarded_solve(image, solver, prior, values, seed=request.seed,
+                                                      callback=callback)
+                verdicts.append({"slice": image.index, **verdict.as_record()})
+            else:
+                solution = solve(image, solver, prior, values, seed=request.seed, callback=callback)
             nfe += int(solution.result.diagnostics.get("nfe", 0))
             if "mask" in solution.result.diagnostics:                  # the lines an active solver measured
                 masks.append(np.asarray(solution.result.diagnostics["mask"]).astype(bool))
@@ -157,6 +167,8 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
         record = prior_record(prior)
         attrs["prior"], attrs["prior_sha256"] = record["name"], record["sha256"]
         attrs["prior_steps_trained"] = record["steps_trained"]
+    if verdicts:
+        attrs["safeguard"] = verdicts          # per slice: held-out prediction errors and which solver's image was kept
     if masks:
         attrs["acquisition_order"] = orders                           # per slice, the columns in the order measured
         attrs["sampled_columns"] = [int(m.sum()) for m in masks]

@@ -306,3 +306,15 @@ def test_active_solver_writes_its_mask_and_order(tmp_path):
     np.save(tmp_path / "m.npy", mask)
     assert main(["reconstruct", str(scan), "--solver", "cg-sense", "--mask-file", str(tmp_path / "m.npy"),
                  "--out", str(tmp_path / "cg.h5"), "--no-progress"]) == 0
+
+
+def test_safeguard_verdict_is_recorded(tmp_path):
+    import json
+    scan = _good_scan(tmp_path / "scan.h5")
+    out = tmp_path / "r.h5"
+    assert main(["reconstruct", str(scan), "--solver", "reddiff", "--set", "steps=3", "--accel", "2",
+                 "--center-fraction", "0.3", "--safeguard", "--out", str(out), "--no-progress"]) == 0
+    with h5py.File(out, "r") as h5:
+        verdict = json.loads(h5.attrs["safeguard"])[0]
+    assert verdict["chosen"] in ("reddiff", "cg-sense") and verdict["held_out_columns"] >= 1
+    assert (verdict["chosen"] == "reddiff") == (verdict["solver_error"] <= verdict["reference_error"])
