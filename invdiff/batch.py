@@ -57,8 +57,9 @@ STATE_DIR = ".batch"
 INPUT_SUFFIXES = (".h5", ".hdf5")
 # A collective waits for the slowest rank's whole share; a dead rank is torchrun's to notice, not a timeout's.
 COLLECTIVE_TIMEOUT = timedelta(hours=12)
-# Attrs of reconstruct_scan that differ from slice to slice; every other attr must agree across a volume's slices.
-PER_SLICE_LISTS = ("scales", "sigma_kspace_estimates", "pixel_spacing_mm")
+# Attrs of reconstruct_scan that are per-slice lists (concatenated over a volume's slices when every slice has a
+# list; active solvers make sampled_columns and acquisition_order per slice); every other attr must agree.
+PER_SLICE_LISTS = ("scales", "sigma_kspace_estimates", "pixel_spacing_mm", "sampled_columns", "acquisition_order")
 # The temporary names of invdiff.io.atomic_path: .{stem}.{8 hex}.tmp{suffix}; a killed writer leaves one behind.
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
 
@@ -487,6 +488,8 @@ def save_slice(path: Path, report) -> None:
               "seconds": np.array(report.seconds)}
     if report.target is not None:
         arrays["target"] = report.target[0]
+    if getattr(report, "mask", None) is not None:          # the columns an active solver measured: (W,)
+        arrays["mask"] = np.asarray(report.mask, dtype=bool).reshape(-1)
     with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
 
@@ -495,8 +498,9 @@ def merge_slice_attrs(per_slice: list[dict]) -> dict:
     """The attrs ``reconstruct_scan`` gives a whole volume, from those it gave each slice (in slice order)."""
     first = per_slice[0]
     attrs = {k: v for k, v in first.items() if not k.startswith("metric_") and k not in ("metrics_protocol",)}
+    lists = {key for key in PER_SLICE_LISTS if all(isinstance(a.get(key), (list, type(None))) for a in per_slice)}
     for key in attrs:
-        if key in PER_SLICE_LISTS or key in ("slices", "nfe", "device"):
+        if key in lists or key in ("slices", "nfe", "device"):
             continue
         for index, other in enumerate(per_slice[1:], start=1):
             if other.get(key) != first.get(key):
@@ -504,9 +508,9 @@ def merge_slice_attrs(per_slice: list[dict]) -> dict:
     attrs["slices"] = f"0:{len(per_slice)}"
     attrs["nfe"] = int(sum(int(a.get("nfe", 0)) for a in per_slice))
     attrs["device"] = ",".join(sorted({str(a.get("device")) for a in per_slice}))
-    for key in PER_SLICE_LISTS:
-        values = [v for a in per_slice for v in (a.get(key) or [])]
-        attrs[key] = values or None
+    for key in lists:
+        if any(key in a for a in per_slice):
+            attrs[key] = [v for a in per_slice for v in (a.get(key) or [])] or None
     return attrs
 
 
@@ -530,8 +534,12 @@ def assemble(volume: Volume, state: State, out: Path) -> dict:
         attrs.update({f"metric_{k}": v for k, v in scores.items() if k != "protocol"})
         attrs["metrics_protocol"] = metrics.PROTOCOL
     attrs.update({"input_sha256": volume.input_sha256, "batch_key": volume.key})
+    mask = None                                             # reconstruct_scan's rule: (W,) if shared, else per slice
+    if all("mask" in p for p in parts):
+        masks = [p["mask"] for p in parts]
+        mask = masks[0] if all(np.array_equal(m, masks[0]) for m in masks) else np.stack(masks)
     path = out / volume.name
-    write_reconstruction(path, reconstruction, attrs=attrs)
+    write_reconstruction(path, reconstruction, attrs=attrs, mask=mask)
     strip = lambda s: None if s is None else {k: float(v) for k, v in s.items() if k != "protocol"}  # noqa: E731
     record = {"name": volume.name, "key": volume.key, "input_sha256": volume.input_sha256,
               "output_sha256": sha256_file(path), "slices": volume.num_slices, "metrics": strip(scores),

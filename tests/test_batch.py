@@ -98,6 +98,36 @@ def test_share_covers_every_item_once_in_contiguous_blocks():
         assert max(map(len, shares)) - min(map(len, shares)) <= 1          # balanced
 
 
+def _assert_same_as_reconstruct(inputs: Path, out: Path, names: list[str], args: list[str], tmp_path: Path) -> None:
+    """Each batch output holds what `invdiff reconstruct` writes for the file: the same datasets with the same
+    values, the same attrs, plus ``input_sha256`` and ``batch_key``."""
+    for name in names:
+        single = tmp_path / f"single-{name}"
+        assert main(["reconstruct", str(inputs / name), "--out", str(single), *args]) == 0
+        with h5py.File(single, "r") as a, h5py.File(out / name, "r") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for key in a.keys():
+                assert np.array_equal(a[key][()], b[key][()]), key
+            attrs = {k: v for k, v in b.attrs.items() if k not in ("input_sha256", "batch_key")}
+            assert sorted(attrs) == sorted(a.attrs)
+            for key in a.attrs:
+                assert np.array_equal(a.attrs[key], attrs[key]), key
+
+
+def test_active_solver_volume_is_the_reconstruct_volume(tmp_path):
+    """ADS chooses its own columns per slice: batch keeps each slice's mask (dataset 'mask', (W,) when the slices
+    agree, else (slices, W)) and the per-slice sampled_columns / acquisition_order attrs, as reconstruct does."""
+    inputs = _inputs(tmp_path / "in", files=2, slices=2)
+    args = ["--solver", "ads", "--set", "budget=8", "--set", "particles=2", "--steps", "4", "--accel", "2",
+            "--center-fraction", "0.3", "--no-progress"]
+    out = tmp_path / "out"
+    assert main(["batch", str(inputs), "--out", str(out), *args]) == 0
+    _assert_complete(out, ["file0.h5", "file1.h5"])
+    _assert_same_as_reconstruct(inputs, out, ["file0.h5", "file1.h5"], args, tmp_path)
+    with h5py.File(out / "file0.h5", "r") as h5:
+        assert len(json.loads(h5.attrs["acquisition_order"])) == 2
+
+
 def test_batch_volume_is_the_reconstruct_volume_and_a_rerun_skips_it(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     inputs = _inputs(tmp_path / "in", files=2, slices=3)
@@ -105,15 +135,7 @@ def test_batch_volume_is_the_reconstruct_volume_and_a_rerun_skips_it(tmp_path, c
     assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS]) == 0
     manifest = _assert_complete(out, ["file0.h5", "file1.h5"])
     assert manifest["summary"]["scored"] == 2 and manifest["settings"]["seed"] == 3
-    for name in ("file0.h5", "file1.h5"):
-        single = tmp_path / f"single-{name}"
-        assert main(["reconstruct", str(inputs / name), "--out", str(single), *SOLVER_ARGS]) == 0
-        with h5py.File(single, "r") as a, h5py.File(out / name, "r") as b:
-            assert np.array_equal(a["reconstruction"][()], b["reconstruction"][()])
-            attrs = {k: v for k, v in b.attrs.items() if k not in ("input_sha256", "batch_key")}
-            assert sorted(attrs) == sorted(a.attrs)
-            for key in a.attrs:
-                assert np.array_equal(a.attrs[key], attrs[key]), key
+    _assert_same_as_reconstruct(inputs, out, ["file0.h5", "file1.h5"], SOLVER_ARGS, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     caplog.clear()
     assert main(["batch", str(inputs), "--out", str(out), *SOLVER_ARGS]) == 0
