@@ -36,9 +36,10 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from invdiff import metrics, settings  # noqa: E402
+from invdiff import metrics  # noqa: E402
 from invdiff.priors.tokens import load_token_prior  # noqa: E402
-from invdiff.tasks import Task, block_average, inpainting_task, scan_tasks, solve, superres_task  # noqa: E402
+from invdiff.tasks import (Task, block_average, inpainting_task, scan_tasks, solve,  # noqa: E402
+                           superres_task)
 
 log = logging.getLogger("benchmarks.anchored_images")
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +161,8 @@ def run(args) -> dict:
                              "ssim": scores["ssim"], "seconds": seconds, "nfe": int(diagnostics.get("nfe", 0)),
                              "decoder_calls": int(diagnostics.get("decoder_calls", 0)),
                              "hyperparameters": {k: v for k, v in values.items() if not callable(v)}})
-                log.info("%s / %s: PSNR %.2f SSIM %.4f %.1f s", task.name, name, scores["psnr"], scores["ssim"], seconds)
+                log.info("%s / %s: PSNR %.2f SSIM %.4f %.1f s", task.name, name, scores["psnr"], scores["ssim"],
+                         seconds)
                 if recorder is not None:
                     grid = token_prior.grid_for(task.in_shape)
                     out = Path(args.figure_dir) / f"aps_anchors-{task.name}{'-tiny' if args.tiny else ''}.png"

@@ -1,7 +1,8 @@
 """APS and the masked-diffusion baseline against the exact discrete oracle (tiny token grids, enumerated).
 
 What is checked, with its math:
-- the oracle's masked conditionals are ``p(z_i = k | z_U) = sum_{z: z_U agree, z_i = k} p(z) / sum_{z: z_U agree} p(z)``;
+- the oracle's masked conditionals are
+  ``p(z_i = k | z_U) = sum_{z: z_U agree, z_i = k} p(z) / sum_{z: z_U agree} p(z)``;
 - the unconditional masked sampler (exact conditionals, any unmasking order) draws from the joint (chain rule):
   TV to the prior within the sampling floor;
 - with a factorised posterior (independent positions, a decoder and operator that do not mix positions) the
@@ -72,7 +73,7 @@ def test_schedule_commits_every_position_once():
             counts = masked_counts(steps, length, schedule)
             assert counts[-1] == 0 and len(counts) == steps
             assert all(b < a or a == 0 for a, b in zip([length] + counts, counts))
-    assert masked_counts(15, 256, "cosine")[:3] == [255, 250, 243]          # 256 cos(pi k / 30), MaskGIT's cosine: slow start
+    assert masked_counts(15, 256, "cosine")[:3] == [255, 250, 243]      # 256 cos(pi k / 30): MaskGIT's slow start
     with pytest.raises(ValueError, match="schedule"):
         masked_counts(4, 4, "exponential")
 

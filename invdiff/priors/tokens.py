@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="training patch side (pixels, multiple of 4)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=6000, help="total steps of this stage (a resumed run stops here)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 tokenizer, 3e-4 transformer)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default 1e-3 tokenizer, 3e-4 transformer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=48, help="tokenizer conv width")
     p.add_argument("--codes", type=int, default=256, help="codebook size K")

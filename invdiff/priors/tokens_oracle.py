@@ -54,7 +54,8 @@ class DiscreteOracle(TokenPrior):
             raise ValueError(f"K^L = {num_codes}^{length} = {num_codes ** length} configurations; the oracle "
                              f"enumerates at most {MAX_CONFIGURATIONS}")
         if log_joint.shape != (num_codes ** length,):
-            raise ValueError(f"log_joint must have shape ({num_codes ** length},) = (K^L,), got {tuple(log_joint.shape)}")
+            raise ValueError(f"log_joint must have shape ({num_codes ** length},) = (K^L,), "
+                             f"got {tuple(log_joint.shape)}")
         if decoder.shape != (math.prod(image_shape), length * dim):
             raise ValueError(f"decoder must have shape ({math.prod(image_shape)}, {length * dim}) = "
                              f"(prod(image_shape), L D), got {tuple(decoder.shape)}")

@@ -169,11 +169,11 @@ def sample_aps(problem: InverseProblem, prior, *, steps: int = 15, inner_steps: 
     problem: y (B, ...), operator on (B, C, H, W) images; prior: a :class:`~invdiff.priors.tokens.TokenPrior`.
     Defaults: the paper's 15 outer x 100 inner steps, L1 loss (its LPIPS term left out), cosine schedule;
     ``lr`` (Adam on logits; the paper gives none) is ours; ``confidence_noise`` > 0 adds MaskGIT's annealed
-    Gumbel noise to the log-confidence (0: the paper's deterministic ranking). ``generator``: a ``torch.Generator`` (the first of a sequence)
-    for the Gumbel draws. Returns ``SampleResult(x=Dec(c_tokens))`` with diagnostics ``nfe`` (token-model
-    calls), ``decoder_calls``, ``seconds``, ``network_seconds``, ``tokens`` (B, L), ``loss`` (final inner loss
-    per outer step, batch mean), ``committed`` (positions committed per step) and ``commit_order`` (B, L): the
-    outer step at which each position was committed.
+    Gumbel noise to the log-confidence (0: the paper's deterministic ranking). ``generator``: a
+    ``torch.Generator`` (the first of a sequence) for the Gumbel draws. Returns ``SampleResult(x=Dec(c_tokens))``
+    with diagnostics ``nfe`` (token-model calls), ``decoder_calls``, ``seconds``, ``network_seconds``, ``tokens``
+    (B, L), ``loss`` (final inner loss per outer step, batch mean), ``committed`` (positions committed per step)
+    and ``commit_order`` (B, L): the outer step at which each position was committed.
 
     >>> result = sample_aps(problem, prior, steps=15, generator=torch.Generator().manual_seed(0))
     """
@@ -276,7 +276,8 @@ def sample_masked_diffusion(problem: InverseProblem, prior, *, steps: int = 16, 
     drawing ``z_i ~ P_i(k) exp(guidance log p(y | e_bar[i <- c_k]))``. reweighting: "exact" (K decodes per
     unmasked position, in batches of ``chunk`` images), "linear" (first-order, one backward) or "none"
     (unconditional). likelihood_samples: 0, the plug-in ``e_bar`` for the other masked positions; S > 0, the
-    likelihood averaged over S draws of them from ``P`` (K S decodes per unmasked position; "exact" only). ``generator``: one ``torch.Generator`` (the first of a sequence) for every draw. Returns
+    likelihood averaged over S draws of them from ``P`` (K S decodes per unmasked position; "exact" only).
+    ``generator``: one ``torch.Generator`` (the first of a sequence) for every draw. Returns
     ``SampleResult(x=Dec(c_tokens))`` with diagnostics ``nfe`` (token-model calls), ``decoder_calls`` (images
     decoded), ``seconds``, ``tokens`` (B, L).
     """
