@@ -8,6 +8,7 @@ two functions, so its row for a solver is this command's result.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,10 @@ def check_output(request: ReconstructionRequest, overwrite: bool = False) -> tup
         raise InputError(f"--out {out}: expected a .h5 file name (the fastMRI submission format)")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise InputError(f"--out {out}: folder {out.parent} is read-only")
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; expected a .h5 file name")
     figure = figure_path(request) if request.png else None
     for path in (out, figure):
         if path is not None and path.exists() and not overwrite:

@@ -46,6 +46,9 @@ def _as_bool_mask(mask) -> torch.Tensor:
             raise ValueError(f"mask must be boolean or hold only 0 and 1, got dtype {mask.dtype} "
                              f"with other values; a weighting is not a sampling mask")
         mask = mask != 0
+    if not bool(mask.any()):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} samples no column: there would be no measurement at "
+                         f"all, and a solver would return its prior alone")
     return mask
 
 

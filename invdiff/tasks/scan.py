@@ -96,13 +96,25 @@ def calibration_width(mask: np.ndarray) -> int:
     return right - left + 1 if mask[centre] else 0
 
 
-def pixel_spacing_mm(header, grid: tuple[int, int]) -> float | None:
+# In-plane pixel spacings a scanner can produce (mm): outside this a field of view is a broken header, not a scan.
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
+
+
+def pixel_spacing_mm(header, grid: tuple[int, int], *, source: str = "") -> float | None:
     """Mean in-plane pixel spacing (mm) of the ``grid = (H, W)`` image the operator works on: the encoded field
-    of view over the encoded matrix, rescaled to the grid. None when the header gives no field of view."""
+    of view over the encoded matrix, rescaled to the grid. None (the prior's default, with a warning naming the
+    value) when the header gives no field of view or an implausible one."""
     fov = getattr(header, "encoded_fov_mm", None)
-    if fov is None or min(fov[:2]) <= 0:
+    if fov is None:
         return None
-    return float((fov[0] / grid[0] + fov[1] / grid[1]) / 2)
+    spacing = float((fov[0] / grid[0] + fov[1] / grid[1]) / 2) if min(fov[:2]) > 0 else float("nan")
+    low, high = PLAUSIBLE_SPACING_MM
+    if not low <= spacing <= high:
+        log.warning("%s: ISMRMRD encoded field of view %g x %g mm over a %d x %d grid gives a pixel spacing of "
+                    "%.3g mm, outside [%g, %g]: ignored, the prior's default spacing is used", source or "scan",
+                    fov[0], fov[1], grid[0], grid[1], spacing, low, high)
+        return None
+    return spacing
 
 
 def load_mask_file(path, scan) -> np.ndarray:
@@ -256,7 +268,8 @@ def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str
     return TaskImage(problem, scan.target(index),
                      functools.partial(magnitude_image, scale=scale, crop=recon_size,
                                        support=operator.image_support()),
-                     index=int(index), spacing_mm=pixel_spacing_mm(scan.header, tuple(kspace.shape[-2:])),
+                     index=int(index), spacing_mm=pixel_spacing_mm(scan.header, tuple(kspace.shape[-2:]),
+                                                                   source=str(scan.path)),
                      info={"scale": scale, "sigma_kspace": sigma_kspace, "sigma_y_normalised": float(problem.sigma_y)})
 
 
