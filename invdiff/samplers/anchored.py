@@ -241,9 +241,11 @@ def sample_aps(problem: InverseProblem, prior, *, steps: int = 15, inner_steps: 
                 commit_order[before & ~masked] = k
             losses.append(float(value.detach().mean()))
             committed.append(int((before & ~masked).sum()) // batch)
-            notify(callback, k, len(counts), {"x": _decode_tokens(prior, ids, masked, grid, codebook, log_p, dtype),
-                                             "sigma": torch.tensor(counts_now / length), "tokens": ids.clone(),
-                                             "masked": masked.clone(), "pi": pi, "loss": losses[-1]})
+            if callback is not None:                                                    # one extra decode
+                notify(callback, k, len(counts), {
+                    "x": _decode_tokens(prior, ids, masked, grid, codebook, log_p, dtype),
+                    "sigma": torch.tensor(counts_now / length), "tokens": ids.clone(), "masked": masked.clone(),
+                    "pi": pi, "loss": losses[-1]})
         with torch.no_grad():
             x = prior.decode(codebook[ids].to(prior.dtype), grid).to(dtype)
     diagnostics = {"nfe": calls.nfe, "decoder_calls": decoder_calls, "seconds": wall.seconds,
@@ -322,9 +324,10 @@ def sample_masked_diffusion(problem: InverseProblem, prior, *, steps: int = 16, 
             draw = (log_q + _gumbel(log_q.shape, generator, dtype, device)).argmax(dim=-1)   # z_i ~ softmax(log q)
             ids = torch.where(chosen, draw, ids)
             masked = still
-            notify(callback, k, len(counts), {"x": _decode_tokens(prior, ids, masked, grid, codebook, log_p, dtype),
-                                             "sigma": torch.tensor(counts_now / length), "tokens": ids.clone(),
-                                             "masked": masked.clone()})
+            if callback is not None:
+                notify(callback, k, len(counts), {
+                    "x": _decode_tokens(prior, ids, masked, grid, codebook, log_p, dtype),
+                    "sigma": torch.tensor(counts_now / length), "tokens": ids.clone(), "masked": masked.clone()})
         with torch.no_grad():
             x = prior.decode(codebook[ids].to(prior.dtype), grid).to(dtype)
     diagnostics = {"nfe": calls.nfe, "decoder_calls": decoder_calls, "seconds": wall.seconds,
