@@ -135,6 +135,16 @@ def _cmd_batch(args) -> int:
 
 
 def _cmd_train_prior(args, rest) -> int:
+    """``--kind tokens`` trains the tokenizer + masked token model of APS; anything else the EDM UNet prior."""
+    if "--kind" in rest:
+        at = rest.index("--kind")
+        kind = rest[at + 1] if at + 1 < len(rest) else ""
+        rest = rest[:at] + rest[at + 2:]
+        if kind == "tokens":
+            from invdiff.priors.tokens import train_main
+            return train_main(rest) or 0
+        if kind != "edm":
+            raise InputError(f"--kind: expected edm (the default) or tokens, got {kind!r}")
     from invdiff.priors import train
     return train.main(rest) or 0
 

@@ -92,6 +92,25 @@ def resolve_prior(prior, device: torch.device, default: str = DEFAULT_MRI_PRIOR)
     return prior.to(device)
 
 
+def prior_for_solver(solver: str, prior, device: torch.device):
+    """The prior ``solver`` runs on: a token prior (``--prior PATH`` to an exported one) for solvers registered with
+    ``prior="tokens"`` (APS, masked diffusion), else :func:`resolve_prior`'s continuous one."""
+    from invdiff.registry import get_solver
+
+    if get_solver(solver).metadata.get("prior") != "tokens":
+        return resolve_prior(prior, device)
+    if prior is None or not isinstance(prior, (str, Path)):
+        if prior is not None:
+            return prior
+        raise InputError(f"--solver {solver} needs a token prior and none ships yet: train one with `invdiff "
+                         f"train-prior --kind tokens ...` (invdiff/priors/tokens.py) and pass --prior PATH")
+    from invdiff.priors.tokens import load_token_prior
+    try:
+        return load_token_prior(prior, device=device)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise InputError(f"--prior {prior}: {str(err).splitlines()[0]}") from err
+
+
 def check_prior_fits(prior, task: Task) -> None:
     """The prior's channels (and fixed image size, for analytic priors) must match the task's images."""
     channels, *size = task.in_shape

@@ -18,7 +18,7 @@ import numpy as np
 
 import invdiff
 from invdiff import metrics, settings
-from invdiff.compare import prior_record, resolve_prior
+from invdiff.compare import prior_for_solver, prior_record
 from invdiff.errors import InputError
 from invdiff.registry import check_solver_names, needs_prior
 from invdiff.tasks import scan as scan_tasks
@@ -109,7 +109,7 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
     solver = check_solver_names([request.solver], flag="--solver")[0]
     values = settings.effective(solver, "mri", request.overrides, steps=request.steps)
     device = resolve_device(request.device)
-    prior = resolve_prior(request.prior, device) if needs_prior(solver) else None
+    prior = prior_for_solver(solver, request.prior, device) if needs_prior(solver) else None
     outputs, zero_filled, targets, scales, sigmas, spacings, masks, orders = [], [], [], [], [], [], [], []
     verdicts = []
     if request.safeguard and not needs_prior(solver):

@@ -105,7 +105,6 @@ def test_compare_row_is_the_reconstruct_command(scan, prior, solver, tmp_path, m
                           center_fraction=CENTER_FRACTION, overrides={solver: overrides} if overrides else None,
                           device="cpu")
     monkeypatch.setattr("invdiff.compare.resolve_prior", lambda name, device: prior)
-    monkeypatch.setattr("invdiff.reconstruct.resolve_prior", lambda name, device: prior)
     request = ReconstructionRequest(scan=str(scan), solver=solver, out=str(tmp_path / "r.h5"), acceleration=4,
                                     center_fraction=CENTER_FRACTION, device="cpu", progress=False,
                                     overrides=overrides)
