@@ -308,3 +308,17 @@ def test_limited_angle_ct_volume_task_uses_a_wedge_and_keeps_the_noise_rule():
     again = ct_volume_task(volume, 6, wedge_degrees=90.0, seed=1)
     assert torch.equal(again.images[0].problem.y, task.images[0].problem.y)     # the seed rule's generator
     assert not np.array_equal(ct_phantom_3d(12, seed=4), volume)
+
+
+def test_dds_noisy_data_step_is_the_closed_form_of_the_paper():
+    """gamma: x0_dc = (I + gamma A^T A)^-1 (x0_hat + gamma A^T y) (DDS, noisy measurements), dense check."""
+    op = VolumeParallelBeamCT(6, [0.0, 50.0, 120.0], depth=2).double()
+    x0_hat, y = _randn((1, *op.in_shape), 16), _randn((1, *op.out_shape), 17)
+    problem = InverseProblem(op, y, 0.1)
+    zeros = torch.zeros_like(x0_hat)
+    x, _, _, _ = admm_tv_z_step(problem, x0_hat, zeros, zeros, lam=0.0, rho=1.0, cg_steps=300, gamma=0.3)
+    n = x0_hat.numel()
+    normal = op.A_adjoint_A(torch.eye(n, dtype=F64).reshape(n, *op.in_shape)).reshape(n, n).T
+    expected = torch.linalg.solve(torch.eye(n, dtype=F64) + 0.3 * normal,
+                                  (x0_hat + 0.3 * op.A_adjoint(y)).reshape(-1))
+    assert torch.allclose(x.reshape(-1), expected, atol=1e-8)

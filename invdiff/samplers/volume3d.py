@@ -89,22 +89,30 @@ def soft_threshold(v: torch.Tensor, threshold: float, *, complex_pairs: bool) ->
 
 
 def admm_tv_z_step(problem: InverseProblem, x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, *, lam: float,
-                   rho: float, cg_steps: int, adjoint_y: torch.Tensor | None = None):
+                   rho: float, cg_steps: int, adjoint_y: torch.Tensor | None = None, gamma: float | None = None):
     """One ADMM iteration for ``1/2 ||A x - y||^2 + lam ||D_z x||_1`` (DiffusionMBIR Eq. (11)-(13)), z first (see
     the module docstring).
 
     x, z, w: (B, C, D, H, W); x is the current state (z is computed from it) and the warm start of CG. Returns ``(x, z, w, cg_relative_residual)``. With
     ``lam == 0`` the TV term is off: CG on the normal equations from ``x``, and ``z, w`` are returned unchanged.
+    ``gamma``: DDS's noisy-data form, a proximal term ``||x - x_start||^2 / (2 gamma)`` around the incoming ``x``
+    (so with lam 0 the step is the paper's ``CG(I + gamma A^T A, x + gamma A^T y)``, divided by gamma).
     """
     operator = problem.operator
     rhs = operator.A_adjoint(problem.y) if adjoint_y is None else adjoint_y
+    anchor_weight = 0.0 if gamma is None else 1.0 / gamma
+    if anchor_weight:
+        rhs = rhs + anchor_weight * x
+
+    def data_normal(v):
+        return operator.A_adjoint_A(v) + anchor_weight * v if anchor_weight else operator.A_adjoint_A(v)
+
     if lam == 0:
-        x, residual = conjugate_gradient(operator.A_adjoint_A, rhs, max_iter=cg_steps, tol=_CG_TOL, x0=x,
-                                         return_residual=True)
+        x, residual = conjugate_gradient(data_normal, rhs, max_iter=cg_steps, tol=_CG_TOL, x0=x, return_residual=True)
         return x, z, w, residual
     z = soft_threshold(difference_z(x) + w, lam / rho, complex_pairs=x.shape[1] == 2)          # Eq. (12), current x
     rhs = rhs + rho * difference_z_adjoint(z - w)                                              # Eq. (11)
-    x, residual = conjugate_gradient(lambda v: operator.A_adjoint_A(v) + rho * difference_z_adjoint(difference_z(v)),
+    x, residual = conjugate_gradient(lambda v: data_normal(v) + rho * difference_z_adjoint(difference_z(v)),
                                      rhs, max_iter=cg_steps, tol=_CG_TOL, x0=x, return_residual=True)
     w = w + difference_z(x) - z                                                                 # Eq. (13)
     return x, z, w, residual
@@ -255,9 +263,9 @@ def _batch_norm(t: torch.Tensor) -> torch.Tensor:
 # ---- DDS -----------------------------------------------------------------------------------------------------
 @register_solver("dds", kind="diffusion")
 def sample_dds(problem: InverseProblem, prior: Denoiser, *, steps: int = 50, eta: float = 0.85, lam: float = 0.04,
-               rho: float = 10.0, cg_steps: int = 5, chunk: int = 16, slice_axes: str = "axial",
-               sigma_max: float | None = None, sigma_min: float | None = None, generator=None,
-               callback=None) -> SampleResult:
+               rho: float = 10.0, cg_steps: int = 5, gamma: float | None = None, chunk: int = 16,
+               slice_axes: str = "axial", sigma_max: float | None = None, sigma_min: float | None = None,
+               generator=None, callback=None) -> SampleResult:
     """Decomposed Diffusion Sampler (Chung, Lee, Ye, ICLR 2024, Alg. 1 with the 3-D ADMM-TV_z step) in sigma form.
 
     Per step ``sigma -> sigma'``:
@@ -270,11 +278,16 @@ def sample_dds(problem: InverseProblem, prior: Denoiser, *, steps: int = 50, eta
     Warm-started CG keeps the part of ``x0_hat`` that ``A`` does not see (the Krylov space of CG lies in A's row
     space plus the z-coupling), which is the paper's "manifold-constrained" argument. Paper defaults: 50 steps,
     eta 0.85, 5 CG steps, lam 0.04, rho 10 (sparse view; 0.4 for limited angle). The returned ``x`` is the last
-    ``x0_dc`` (the step to ``sigma' = 0``).
+    ``x0_dc`` (the step to ``sigma' = 0``). ``gamma`` (None: the noiseless form above) switches to the paper's
+    noisy-data step, ``x0_dc = argmin 1/2 ||A x - y||^2 + ||x - x0_hat||^2 / (2 gamma) (+ lam ||D_z x||_1)``, i.e.
+    ``CG(I + gamma A^T A, x0_hat + gamma A^T y)`` without TV: CG on the bare normal equations fits the noise
+    (as unregularised CG-SENSE does) once it has run long enough.
 
     >>> result = sample_dds(problem, prior, steps=50, generator=torch.Generator().manual_seed(0))
     """
     steps = _check(steps, slice_axes, lam, rho, cg_steps, chunk)
+    if gamma is not None and not gamma > 0:
+        raise ValueError(f"gamma must be > 0 or None, got {gamma!r}")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1], got {eta!r}")
     volume_prior = as_slice_prior(prior, chunk)
@@ -293,7 +306,7 @@ def sample_dds(problem: InverseProblem, prior: Denoiser, *, steps: int = 50, eta
             plane = _plane_of_step(slice_axes, i)
             x0_hat = denoise_along(volume_prior, x, expand_sigma(sigma, x), plane, calls)     # Tweedie
             x0_dc, z_tv, w, cg_residual = admm_tv_z_step(problem, x0_hat, z_tv, w, lam=lam, rho=rho,
-                                                         cg_steps=cg_steps, adjoint_y=adjoint_y)   # data step
+                                                         cg_steps=cg_steps, adjoint_y=adjoint_y, gamma=gamma)
             eps_hat = (x - x0_hat) / sigma
             x = x0_dc + sigma_next * (eta * randn_like(x, generator) + keep_eps * eps_hat)         # DDIM, Eq. (8)
             residuals.append(_residual_norm(problem, x0_dc))
@@ -302,7 +315,8 @@ def sample_dds(problem: InverseProblem, prior: Denoiser, *, steps: int = 50, eta
                                         "residual_norm": residuals[-1], "nfe": calls.nfe})
     slices = x.shape[0] * x.shape[2]
     return SampleResult(x=x0_dc, diagnostics=_diagnostics(
-        wall, calls, sigmas, like, slices, lam=lam, rho=rho, cg_steps=cg_steps, eta=eta, slice_axes=slice_axes,
+        wall, calls, sigmas, like, slices, lam=lam, rho=rho, cg_steps=cg_steps, eta=eta, gamma=gamma,
+        slice_axes=slice_axes,
         residual_norm=residuals, cg_residual=cg_residuals), trajectory=trajectory_of(callback))
 
 
