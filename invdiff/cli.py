@@ -105,7 +105,8 @@ def _cmd_reconstruct(args) -> int:
         scan=args.scan, solver=args.solver, out=args.out, acceleration=args.accel,
         center_fraction=args.center_fraction, mask_kind=args.mask, slices=args.slices, device=args.device,
         seed=args.seed, png=args.png, prior=args.prior, overrides=overrides, steps=args.steps,
-        progress=not args.no_progress, mask_file=args.mask_file, safeguard=args.safeguard)
+        progress=not args.no_progress, mask_file=args.mask_file, safeguard=args.safeguard, volume=args.volume,
+        nifti=args.nifti)
     report = reconstruct_scan_to_file(request, overwrite=args.overwrite)
     for line in report.summary_lines():
         print(line)
@@ -225,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5 (fastMRI submission format)")
     p.add_argument("--png", action="store_true", help="also save a figure next to --out (same name, .png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its figure) if they exist")
+    p.add_argument("--3d", dest="volume", action="store_true",
+                   help="the chosen slices as one volume (3-D solvers dds, diffusion-mbir, tv-3d; 2-D priors run slice "
+                        "by slice)")
+    p.add_argument("--nifti", action="store_true", help="with --3d: also write OUT.nii.gz with the voxel size")
     p.add_argument("--safeguard", action="store_true",
                    help="check a prior solver on held-out k-space columns against CG-SENSE and return CG-SENSE's "
                         "image when the prior predicts them worse (costs one more run; see invdiff.tasks.safeguard)")

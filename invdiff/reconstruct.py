@@ -47,6 +47,8 @@ class ReconstructionRequest:
     progress: bool = True
     mask_file: str | None = None
     safeguard: bool = False                 # held-out k-space check (invdiff.tasks.safeguard) for prior solvers
+    volume: bool = False                    # the chosen slices as one volume problem (3-D solvers: dds, ...)
+    nifti: bool = False                     # also write the volume as NIfTI with its voxel size (needs volume)
 
 
 @dataclass
@@ -61,6 +63,8 @@ class ReconstructionReport:
     attrs: dict = field(default_factory=dict)
     figure: Path | None = None
     mask: np.ndarray | None = None          # the measured columns, when an active solver chose them
+    voxel_size_mm: tuple | None = None      # --3d: (z, y, x) in mm
+    nifti: Path | None = None
 
     def summary_lines(self) -> list[str]:
         count = self.reconstruction.shape[0]
@@ -74,6 +78,8 @@ class ReconstructionReport:
             lines.append("no target in the file: metrics not computed")
         if self.figure is not None:
             lines.append(f"wrote {self.figure}")
+        if self.nifti is not None:
+            lines.append(f"wrote {self.nifti}")
         return lines
 
 
@@ -101,8 +107,59 @@ def figure_path(request: ReconstructionRequest) -> Path:
     return Path(request.out).with_suffix(".png")
 
 
+def reconstruct_volume(request: ReconstructionRequest) -> ReconstructionReport:
+    """``--3d``: the chosen slices of a multi-coil scan as one volume problem (:mod:`invdiff.tasks.volume`); a 2-D
+    prior sees the slices through :class:`invdiff.priors.base.SliceDenoiser`; nothing is written."""
+    from invdiff.priors.base import SliceDenoiser
+    from invdiff.tasks.volume import fastmri_volume_task
+
+    start = time.perf_counter()
+    solver = check_solver_names([request.solver], flag="--solver")[0]
+    values = settings.effective(solver, "mri", request.overrides, steps=request.steps)
+    device = resolve_device(request.device)
+    task = fastmri_volume_task(request.scan, acceleration=request.acceleration,
+                               center_fraction=request.center_fraction, mask_kind=request.mask_kind,
+                               slices=request.slices, device=device)
+    image = task.images[0]
+    prior = None
+    if needs_prior(solver):
+        prior = SliceDenoiser(prior_for_solver(solver, request.prior, device), chunk=16)
+    callback = None
+    if request.progress and prior is not None:
+        from invdiff.callbacks import ProgressBar
+        callback = ProgressBar(description=f"{solver} volume ({task.in_shape[1]} slices)")
+    solution = solve(image, solver, prior, values, seed=request.seed, callback=callback)
+    zero_filled = solve(image, "zero-filled", None, {}, seed=request.seed).image
+    target = image.target
+    scores = zf_scores = None
+    if target is not None:
+        scores, zf_scores = metrics.evaluate(target, solution.image), metrics.evaluate(target, zero_filled)
+    diagnostics = solution.result.diagnostics
+    attrs = {"solver": solver, "hyperparameters": values, "tuned_from": settings.provenance("mri", solver),
+             "seed": request.seed, "volume": True, "device": str(device), "nfe": int(diagnostics.get("nfe", 0)),
+             "peak_memory_bytes": diagnostics.get("peak_memory_bytes"),
+             "solver_seconds": float(diagnostics.get("seconds", 0.0)),
+             "voxel_size_mm": list(task.info.get("voxel_size_mm", [])) or None,
+             "invdiff_version": invdiff.__version__,
+             **{k: v for k, v in task.info.items() if isinstance(v, (str, int, float, bool))}}
+    if prior is not None:
+        record = prior_record(prior.prior if hasattr(prior, "prior") else prior)
+        attrs["prior"], attrs["prior_sha256"] = record["name"], record["sha256"]
+    if scores is not None:
+        attrs.update({f"metric_{k}": v for k, v in scores.items() if k != "protocol"})
+        attrs["metrics_protocol"] = metrics.PROTOCOL
+    report = ReconstructionReport(Path(request.out), solution.image.astype(np.float32), zero_filled.astype(np.float32),
+                                  target, scores, zf_scores, time.perf_counter() - start, attrs)
+    report.voxel_size_mm = task.info.get("voxel_size_mm")
+    return report
+
+
 def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
     """Run ``request.solver`` on the chosen slices of ``request.scan``; nothing is written."""
+    if request.volume:
+        return reconstruct_volume(request)
+    if request.nifti:
+        raise InputError("--nifti writes a volume: it needs --3d")
     from invdiff.datasets.fastmri import read_scan
 
     start = time.perf_counter()
@@ -195,6 +252,11 @@ def reconstruct_scan_to_file(request: ReconstructionRequest, *, overwrite: bool 
     out, figure = check_output(request, overwrite)
     report = reconstruct_scan(request)
     write_reconstruction(out, report.reconstruction, attrs=report.attrs, mask=report.mask)
+    if request.nifti:
+        from invdiff.tasks.volume import write_nifti
+        nifti = out.with_suffix(".nii.gz")
+        write_nifti(nifti, report.reconstruction, report.voxel_size_mm or (1.0, 1.0, 1.0))
+        report.nifti = nifti
     if figure is not None:
         from invdiff.plotting import save_reconstruction_figure
         save_reconstruction_figure(figure, target=report.target, zero_filled=report.zero_filled,
