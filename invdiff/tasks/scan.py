@@ -210,11 +210,15 @@ class RetrospectiveAcquisition:
     choose. ``multicoil``: keep the coil axis (SENSE) or take coil 0 (single-coil Cartesian).
     """
 
-    def __init__(self, kspace: torch.Tensor, scale: float, *, multicoil: bool):
+    def __init__(self, kspace: torch.Tensor, scale: float, *, multicoil: bool,
+                 acquirable: torch.Tensor | None = None):
         self._kspace = kspace                      # complex (C, H, W)
         self.scale = float(scale)
         self.multicoil = multicoil
         self.requests: list[torch.Tensor] = []
+        # Columns the scanner acquired (the header's encoding limits): the only ones worth asking for.
+        self.acquirable = (torch.ones(kspace.shape[-1], dtype=torch.bool) if acquirable is None
+                           else torch.as_tensor(acquirable, dtype=torch.bool))
 
     def __call__(self, mask: torch.Tensor) -> torch.Tensor:
         from invdiff.operators.fft import complex_to_real
@@ -262,8 +266,11 @@ def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str
         sigma_kspace = sigma_floor
     problem, scale = normalise(InverseProblem(operator, y, sigma_kspace), percentile=NORMALISATION_PERCENTILE)
     if scan.mask is None:           # a fully sampled file: active solvers may ask for more lines
+        acquirable = torch.zeros(kspace.shape[-1], dtype=torch.bool)
+        acquirable[scan.header.padding[0]:scan.header.padding[1]] = True
         problem = dataclasses.replace(problem, acquisition=RetrospectiveAcquisition(
-            torch.from_numpy(np.ascontiguousarray(kspace)).to(device), scale, multicoil=scan.is_multicoil))
+            torch.from_numpy(np.ascontiguousarray(kspace)).to(device), scale, multicoil=scan.is_multicoil,
+            acquirable=acquirable))
     recon_size = scan.recon_size
     return TaskImage(problem, scan.target(index),
                      functools.partial(magnitude_image, scale=scale, crop=recon_size,
