@@ -40,12 +40,24 @@ def _check(out, config, tasks, baselines, not_applicable=()):
     assert (out / "compare.json").is_file()
 
 
+DIFFUSION = ("reddiff", "dps", "diffpir", "ddrm")
+
+
+def _best_diffusion_beats_baseline(report, task, baseline, margin_db=0.5):
+    """With a Gaussian prior fitted on other images (the --tiny stand-in), the best diffusion solver must beat the
+    task's baseline: a broken normalisation, data path or output mapping would not."""
+    best = max(row.psnr for row in report.rows if row.task == task and row.solver in DIFFUSION and row.ran)
+    assert best > report.row(baseline, task).psnr + margin_db, (task, best, report.row(baseline, task).psnr)
+
+
 def test_compare_mri_tiny(tmp_path):
     recipe = _load("compare_mri")
     report = recipe.main(["--tiny", "--out", str(tmp_path)])
     config = recipe.Config().tiny_variant()
     _check(tmp_path, config, ["4x", "8x"], ["zero-filled"] * 2, not_applicable={"ddrm"})
     assert report.row("ddrm", "4x").note.startswith("n/a") and "SenseMRI" in report.row("ddrm", "4x").note
+    for task in ("4x", "8x"):
+        _best_diffusion_beats_baseline(report, task, "zero-filled")
 
 
 def test_compare_ct_tiny(tmp_path):
@@ -58,6 +70,8 @@ def test_compare_ct_tiny(tmp_path):
     assert report.row("reddiff", tasks[0]).hyperparameters == settings.effective("reddiff", "ct", steps=config.steps)
     assert report.row("reddiff", tasks[0]).hyperparameters["init"] == "fbp"        # the CT row of the table
     assert report.tasks[0].images[0].info["scale"] == 1.0           # CT keeps its fixed scale
+    for task in tasks:
+        _best_diffusion_beats_baseline(report, task, "fbp")
 
 
 def test_compare_inpainting_sr_tiny(tmp_path):
@@ -68,6 +82,8 @@ def test_compare_inpainting_sr_tiny(tmp_path):
     assert report.row("dps", "sr-4x").hyperparameters["zeta"] == 0.5          # --set wins over the table
     assert report.row("dps", "inpaint-box").hyperparameters["zeta"] == 0.5
     assert report.row("tv", "sr-4x").hyperparameters["max_iter"] == 50
+    for task in ("inpaint-random", "inpaint-box"):         # not SR: at 32 px from 8 x 8 data A^+ y is as good
+        _best_diffusion_beats_baseline(report, task, "zero-filled")
 
 
 def test_recipe_config_parsing():
