@@ -139,7 +139,10 @@ def test_main_cli_trains_and_exports(tmp_path, monkeypatch):
                  "--export", "cli-prior", "--no-progress"])
     assert rc == 0
     assert (out / "export" / "cli-prior.json").exists() and (out / "train.log").exists()
-    assert T.main(["--data", "nonsense", "--out", str(tmp_path / "bad"), "--steps", "1"]) == 2
+    from invdiff.errors import InputError
+    with pytest.raises(InputError, match="nonsense"):                 # the CLI turns it into one line, exit 2
+        T.main(["--data", "nonsense", "--out", str(tmp_path / "bad"), "--steps", "1"])
+    assert not (tmp_path / "bad").exists()                          # a refused run leaves no run folder
     # Export only (what the lead runs while a long run goes on): no training step is taken.
     rc = T.main(["--out", str(out), "--export", "again", "--export-dir", str(tmp_path / "w"), "--export-only"])
     assert rc == 0 and json.loads((tmp_path / "w" / "again.json").read_text())["steps"] == 2

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -518,6 +519,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     run_dir = Path(args.out)
+    created = not run_dir.exists()        # a refused run removes what it made, and nothing else
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -550,17 +552,28 @@ def main(argv=None) -> int:
         if args.export:
             export_prior(run_dir, export_dir, args.export)
     except ValueError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        # Bad input (an empty data folder, a bad --init, ...): one line from the CLI (exit 2), no run folder left.
+        failed = err
+    else:
+        failed = None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         root.removeHandler(handler)
         handler.close()
+    if failed is not None:
+        if created and {p.name for p in run_dir.iterdir()} <= {"train.log"}:
+            shutil.rmtree(run_dir)
+        from invdiff.errors import InputError
+        raise InputError(str(failed).splitlines()[0]) from failed
     return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    from invdiff.errors import InputError
+    try:
+        sys.exit(main())
+    except InputError as err:                      # bad input: one line, exit 2 (as `invdiff train-prior`)
+        print(f"invdiff train-prior: error: {err}", file=sys.stderr)
+        sys.exit(2)
