@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_che
 import torch
 
 from invdiff.errors import UnsupportedOperatorError
+from invdiff.schedules import karras
 
 if TYPE_CHECKING:
     from invdiff.problem import InverseProblem
@@ -198,3 +199,13 @@ def initial_mean(problem: InverseProblem, init: str, dtype: torch.dtype) -> torc
         else:
             raise ValueError(f"init must be one of {', '.join(INITIALISATIONS)}; got {init!r}")
     return mu.detach().to(dtype).clone()
+
+
+def sigma_schedule(prior, steps: int, sigma_min: float | None, sigma_max: float | None,
+                   like: torch.Tensor) -> torch.Tensor:
+    """``steps`` Karras sigmas (rho 7) from sigma_max down to sigma_min (default: the prior's), then 0: (steps + 1,)."""
+    sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
+    sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return karras(steps, sigma_min, sigma_max).to(device=like.device, dtype=like.dtype)

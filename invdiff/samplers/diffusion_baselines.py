@@ -45,8 +45,7 @@ from invdiff.priors.base import Denoiser
 from invdiff.problem import InverseProblem
 from invdiff.registry import register_solver
 from invdiff.samplers._common import (NetworkCalls, SampleResult, call_prior, expand_sigma, notify, randn_like,
-                                      timed, trajectory_of)
-from invdiff.schedules import karras
+                                      sigma_schedule, timed, trajectory_of)
 
 # Singular values below this fraction of the largest are treated as exactly zero (unobserved directions).
 SINGULAR_RTOL = 1e-10
@@ -63,16 +62,6 @@ def _check_unit_interval(name: str, value: float) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
     return float(value)
-
-
-def _sigma_schedule(prior: Denoiser, steps: int, sigma_min: float | None, sigma_max: float | None,
-                    like: torch.Tensor) -> torch.Tensor:
-    """``steps`` Karras sigmas (rho 7) from sigma_max down to sigma_min (default: the prior's), then 0: (steps + 1,)."""
-    sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
-    sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    return karras(steps, sigma_min, sigma_max).to(device=like.device, dtype=like.dtype)
 
 
 def _state_like(problem: InverseProblem) -> torch.Tensor:
@@ -127,7 +116,7 @@ def sample_dps(problem: InverseProblem, prior: Denoiser, *, steps: int = 1000, z
     with timed(y) as wall:
         calls = NetworkCalls()
         like = _state_like(problem)
-        sigmas = _sigma_schedule(prior, steps, sigma_min, sigma_max, like)
+        sigmas = sigma_schedule(prior, steps, sigma_min, sigma_max, like)
         x = sigmas[0] * randn_like(like, generator)
         residual_norms = []
         for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
@@ -199,7 +188,7 @@ def sample_diffpir(problem: InverseProblem, prior: Denoiser, *, steps: int = 100
     with timed(problem.y) as wall, torch.no_grad():
         calls = NetworkCalls()
         like = _state_like(problem)
-        sigmas = _sigma_schedule(prior, steps, sigma_min, sigma_max, like)
+        sigmas = sigma_schedule(prior, steps, sigma_min, sigma_max, like)
         x = sigmas[0] * randn_like(like, generator)
         for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
             x0_hat = call_prior(prior, x, expand_sigma(sigma, x), calls)          # denoising
@@ -349,7 +338,7 @@ def sample_ddrm(problem: InverseProblem, prior: Denoiser, *, steps: int = 20, et
         safe_s = torch.where(observed, s, 1.0)
         noise_std = torch.where(observed, sigma_y / safe_s, math.inf)                # s_y / s_i
         y_bar = torch.where(observed, svd.ut_y / safe_s, 0.0)
-        sigmas = _sigma_schedule(prior, steps, sigma_min, sigma_max, like)
+        sigmas = sigma_schedule(prior, steps, sigma_min, sigma_max, like)
         c = math.sqrt(1 - eta ** 2)
 
         first = observed & (noise_std <= sigmas[0])                                  # p^(T)

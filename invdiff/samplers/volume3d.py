@@ -59,8 +59,7 @@ from invdiff.priors.base import Denoiser, SliceDenoiser
 from invdiff.problem import InverseProblem
 from invdiff.registry import register_solver
 from invdiff.samplers._common import (NetworkCalls, SampleResult, call_prior, expand_sigma, notify, randn_like,
-                                      timed, trajectory_of)
-from invdiff.schedules import karras
+                                      sigma_schedule, timed, trajectory_of)
 
 SLICE_AXES = ("axial", "alternate")
 # The volume axis a 2-D prior slices along for each plane name: x is (B, C, D, H, W).
@@ -161,15 +160,6 @@ def _volume_state(problem: InverseProblem) -> torch.Tensor:
     return torch.empty((problem.y.shape[0], *shape), dtype=dtype, device=problem.y.device)
 
 
-def _schedule(prior: Denoiser, steps: int, sigma_min: float | None, sigma_max: float | None,
-              like: torch.Tensor) -> torch.Tensor:
-    sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
-    sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    return karras(steps, sigma_min, sigma_max).to(device=like.device, dtype=like.dtype)
-
-
 def _residual_norm(problem: InverseProblem, x: torch.Tensor) -> float:
     r = problem.operator.A(x) - problem.y
     return float(torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1).mean())
@@ -225,7 +215,7 @@ def sample_diffusion_mbir(problem: InverseProblem, prior: Denoiser, *, steps: in
     _reset_peak(like)
     with timed(problem.y) as wall, torch.no_grad():
         calls = NetworkCalls()
-        sigmas = _schedule(volume_prior, steps, sigma_min, sigma_max, like)
+        sigmas = sigma_schedule(volume_prior, steps, sigma_min, sigma_max, like)
         adjoint_y = problem.operator.A_adjoint(problem.y)
         x = sigmas[0] * randn_like(like, generator)
         z_tv = difference_z(torch.zeros_like(x))
@@ -295,7 +285,7 @@ def sample_dds(problem: InverseProblem, prior: Denoiser, *, steps: int = 50, eta
     _reset_peak(like)
     with timed(problem.y) as wall, torch.no_grad():
         calls = NetworkCalls()
-        sigmas = _schedule(volume_prior, steps, sigma_min, sigma_max, like)
+        sigmas = sigma_schedule(volume_prior, steps, sigma_min, sigma_max, like)
         adjoint_y = problem.operator.A_adjoint(problem.y)
         x = sigmas[0] * randn_like(like, generator)
         z_tv = difference_z(torch.zeros_like(x))
