@@ -37,13 +37,14 @@ from pathlib import Path
 
 import torch
 
+from invdiff.errors import UnsupportedOperatorError
 from invdiff.io import atomic_open, atomic_write_json
 from invdiff.metrics_distributions import sliced_wasserstein
 from invdiff.operators.inpainting import Inpainting
 from invdiff.operators.matrix import MatrixOperator
 from invdiff.priors.analytic import GaussianMixturePrior, GaussianPrior, grid_mixture_25
 from invdiff.problem import InverseProblem, simulate
-from invdiff.registry import get_sampler, list_samplers
+from invdiff.registry import get_solver, list_solvers
 from invdiff.samplers.smc import sample_smc
 
 log = logging.getLogger("benchmarks.posterior_fidelity")
@@ -125,7 +126,7 @@ def run_case(name: str, sizes: list[int], repeats: int, reference_size: int, smc
         rows[label] = {"by_size": by_size, "hyperparameters": hyper, "seconds": timing,
                        "nfe": result.diagnostics["nfe"]}
 
-    available = set(list_samplers())
+    available = set(list_solvers())
     skipped = []
     for key, label in BASELINES.items():
         if key not in available:
@@ -135,7 +136,7 @@ def run_case(name: str, sizes: list[int], repeats: int, reference_size: int, smc
         hyper = baseline_settings.get(key, {})
         chains = max(sizes)
         start = time.perf_counter()
-        result = get_sampler(key).factory(repeated(problem, chains), prior,
+        result = get_solver(key).factory(repeated(problem, chains), prior,
                                           generator=torch.Generator().manual_seed(seed + 7), **hyper)
         seconds = time.perf_counter() - start
         # the chains are independent: disjoint subsets of them are independent runs of size n
@@ -291,10 +292,10 @@ def dimension_sweep(sizes, priors, operators, sigma_ys, particles, methods, step
                                 chains = hyper.get("chains", 1)
                                 kwargs = {k: v for k, v in hyper.items() if k != "chains"}
                                 try:
-                                    result = get_sampler(sampler).factory(
+                                    result = get_solver(sampler).factory(
                                         repeated(problem, chains), prior,
                                         generator=torch.Generator().manual_seed(seed + 1), **kwargs)
-                                except (ValueError, NotImplementedError, TypeError) as error:   # e.g. DDRM: no SVD
+                                except UnsupportedOperatorError as error:                     # e.g. DDRM: no SVD
                                     log.warning("sweep: %s skipped on %s: %s", method, op_kind, error)
                                     continue
                                 row.update(fidelity(result.x, None, mean, var, truth))
