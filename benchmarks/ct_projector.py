@@ -22,12 +22,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from invdiff.io import atomic_open
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -161,14 +162,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-        temporary = Path(handle.name)
-    os.replace(temporary, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
@@ -182,9 +175,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     result = run(args.size, args.angles, args.repeats, args.warmup, sorted(set(args.threads)), args.batch)
     stem = f"ct_projector-{datetime.date.today().isoformat()}-cpu" + (f"-batch{args.batch}" if args.batch > 1 else "")
-    _write_atomically(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(args.out / f"{stem}.json", "w") as handle:
+        handle.write(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    _write_atomically(args.out / f"{stem}.md", table)
+    with atomic_open(args.out / f"{stem}.md", "w") as handle:
+        handle.write(table)
     print(table)
     return result
 

@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,8 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 if __package__ in (None, ""):                      # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from invdiff.io import atomic_open  # noqa: E402
 
 log = logging.getLogger("benchmarks.volume3d")
 
@@ -185,14 +186,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-        temporary = Path(handle.name)
-    os.replace(temporary, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=32, help="CT volume side (voxels)")
@@ -275,9 +268,12 @@ def main(argv=None) -> dict:
               "argv": sys.argv[1:] if argv is None else list(argv), "note": note, "rows": rows}
     kind = "mri" if args.mri else ("depths" if args.depths else "ct")
     stem = f"volume3d-{result['date']}-{device.type}-{kind}" + (f"-{args.tag}" if args.tag else "")
-    _write_atomically(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(args.out / f"{stem}.json", "w") as handle:
+        handle.write(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    _write_atomically(args.out / f"{stem}.md", table)
+    with atomic_open(args.out / f"{stem}.md", "w") as handle:
+        handle.write(table)
     sys.stdout.write(table)
     return result
 
