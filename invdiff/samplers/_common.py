@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_che
 
 import torch
 
-from invdiff.errors import UnsupportedOperatorError
+from invdiff.errors import InputError, UnsupportedOperatorError
 from invdiff.schedules import karras
 
 if TYPE_CHECKING:
@@ -206,6 +206,6 @@ def sigma_schedule(prior, steps: int, sigma_min: float | None, sigma_max: float 
     """``steps`` Karras sigmas (rho 7) from sigma_max down to sigma_min (default: the prior's), then 0: (steps + 1,)."""
     sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
     sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if not 0 < sigma_min < sigma_max:        # user-set bounds (--set SOLVER:sigma_min=...): bad input, exit 2
+        raise InputError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     return karras(steps, sigma_min, sigma_max).to(device=like.device, dtype=like.dtype)

@@ -96,8 +96,7 @@ from invdiff.operators.mri import CartesianMRI, SenseMRI
 from invdiff.problem import InverseProblem
 from invdiff.registry import register_solver
 from invdiff.samplers._common import (NetworkCalls, SampleResult, call_prior, expand_sigma, notify, randn_like,
-                                      timed, trajectory_of)
-from invdiff.schedules import karras
+                                      sigma_schedule, timed, trajectory_of)
 
 log = logging.getLogger(__name__)
 
@@ -344,15 +343,11 @@ def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, par
                              else torch.as_tensor(acquirable, dtype=torch.bool).reshape(-1).cpu())
     schedule = dict(selection_schedule(steps, choices, window_start, window_end))
 
-    sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
-    sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
-    if not 0 < sigma_min < sigma_max:
-        raise InputError(f"ads: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     dtype = torch.promote_types(y.dtype, torch.float32)
     with timed(y) as wall:
         calls = NetworkCalls()
-        sigmas = karras(steps, sigma_min, sigma_max).to(device=y.device, dtype=dtype)       # (steps + 1,), ends at 0
         like = torch.empty((particles, *operator.in_shape), dtype=dtype, device=y.device)
+        sigmas = sigma_schedule(prior, steps, sigma_min, sigma_max, like)                    # (steps + 1,), ends at 0
         x = sigmas[0] * randn_like(like, generator)
         order: list[int] = []
         selection_steps, scores_record, chosen_scores = [], [], []
