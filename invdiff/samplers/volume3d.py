@@ -48,9 +48,12 @@ during the run; CPU: the process's peak resident size, ``ru_maxrss``, an upper b
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 
@@ -178,10 +181,66 @@ def peak_memory_bytes(like: torch.Tensor) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _diagnostics(wall, calls: NetworkCalls, sigmas, like, slices: int, **extra) -> dict:
-    return {"nfe": calls.nfe, "slice_evaluations": calls.nfe * slices, "seconds": wall.seconds,
-            "network_seconds": calls.seconds, "peak_memory_bytes": peak_memory_bytes(like),
-            "steps": len(sigmas) - 1, "sigmas": sigmas.tolist(), **extra}
+@dataclass
+class VolumeRun:
+    """What DiffusionMBIR and DDS set up alike, and the ADMM-TV_z state they carry across steps.
+
+    prior: the 2-D prior over the volume; sigmas: the Karras grid, then 0; x: the start, ``sigmas[0] n``;
+    adjoint_y: ``A^T y`` (once); z_tv, w: the split variable and scaled dual (zeros at the start); calls: network
+    calls; residuals / cg_residuals: per step ``||A x - y||`` after the data step and CG's relative residual.
+    """
+
+    problem: InverseProblem
+    prior: SliceDenoiser
+    sigmas: torch.Tensor
+    x: torch.Tensor
+    adjoint_y: torch.Tensor
+    z_tv: torch.Tensor
+    w: torch.Tensor
+    calls: NetworkCalls = field(default_factory=NetworkCalls)
+    residuals: list = field(default_factory=list)
+    cg_residuals: list = field(default_factory=list)
+    wall: Any = None
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, plane: str) -> torch.Tensor:
+        """``D(x, sigma)`` of the 2-D prior on the slices of ``plane`` (:func:`denoise_along`), counted."""
+        return denoise_along(self.prior, x, expand_sigma(sigma, x), plane, self.calls)
+
+    def data_step(self, x: torch.Tensor, *, lam: float, rho: float, cg_steps: int,
+                  gamma: float | None = None) -> torch.Tensor:
+        """One ADMM-TV_z iteration from ``x`` (:func:`admm_tv_z_step`, Eq. (11)-(13)) with the carried ``z_tv, w``;
+        records the residuals and returns the new ``x``."""
+        x, self.z_tv, self.w, cg_residual = admm_tv_z_step(self.problem, x, self.z_tv, self.w, lam=lam, rho=rho,
+                                                           cg_steps=cg_steps, adjoint_y=self.adjoint_y, gamma=gamma)
+        self.residuals.append(_residual_norm(self.problem, x))
+        self.cg_residuals.append(float(cg_residual.mean()))
+        return x
+
+    def diagnostics(self, x: torch.Tensor, **extra) -> dict:
+        """The samplers' common diagnostics (module docstring) plus ``extra``; after the run's block has closed."""
+        return {"nfe": self.calls.nfe, "slice_evaluations": self.calls.nfe * x.shape[0] * x.shape[2],
+                "seconds": self.wall.seconds, "network_seconds": self.calls.seconds,
+                "peak_memory_bytes": peak_memory_bytes(x), "steps": len(self.sigmas) - 1,
+                "sigmas": self.sigmas.tolist(), **extra, "residual_norm": self.residuals,
+                "cg_residual": self.cg_residuals}
+
+
+@contextlib.contextmanager
+def volume_run(problem: InverseProblem, prior: Denoiser, *, steps: int, chunk: int, sigma_min: float | None,
+               sigma_max: float | None, generator) -> Iterator[VolumeRun]:
+    """The shared set-up of DiffusionMBIR and DDS, as a timed, gradient-free block: the slice prior (``chunk``
+    slices per call), the schedule, ``A^T y``, the noise start ``sigmas[0] n`` (the generator's first draw) and the
+    ADMM variables at zero. ``run.wall`` times the block (peak memory is reset first on CUDA)."""
+    volume_prior = as_slice_prior(prior, chunk)
+    like = _volume_state(problem)
+    _reset_peak(like)
+    with timed(problem.y) as wall, torch.no_grad():
+        sigmas = sigma_schedule(volume_prior, steps, sigma_min, sigma_max, like)
+        adjoint_y = problem.operator.A_adjoint(problem.y)
+        x = sigmas[0] * randn_like(like, generator)
+        z_tv = difference_z(torch.zeros_like(x))
+        run = VolumeRun(problem, volume_prior, sigmas, x, adjoint_y, z_tv, torch.zeros_like(z_tv), wall=wall)
+        yield run
 
 
 # ---- DiffusionMBIR -------------------------------------------------------------------------------------------
@@ -210,40 +269,27 @@ def sample_diffusion_mbir(problem: InverseProblem, prior: Denoiser, *, steps: in
     steps = _check(steps, slice_axes, lam, rho, cg_steps, chunk)
     if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr!r}")
-    volume_prior = as_slice_prior(prior, chunk)
-    like = _volume_state(problem)
-    _reset_peak(like)
-    with timed(problem.y) as wall, torch.no_grad():
-        calls = NetworkCalls()
-        sigmas = sigma_schedule(volume_prior, steps, sigma_min, sigma_max, like)
-        adjoint_y = problem.operator.A_adjoint(problem.y)
-        x = sigmas[0] * randn_like(like, generator)
-        z_tv = difference_z(torch.zeros_like(x))
-        w = torch.zeros_like(z_tv)
-        residuals, cg_residuals = [], []
+    with volume_run(problem, prior, steps=steps, chunk=chunk, sigma_min=sigma_min, sigma_max=sigma_max,
+                    generator=generator) as run:
+        x, sigmas = run.x, run.sigmas
         for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
             plane = _plane_of_step(slice_axes, i)
-            x0_hat = denoise_along(volume_prior, x, expand_sigma(sigma, x), plane, calls)
+            x0_hat = run.denoise(x, sigma, plane)
             variance = sigma ** 2 - sigma_next ** 2
             x = x + variance * (x0_hat - x) / sigma ** 2                                    # predictor mean
             if sigma_next > 0:
                 x = x + variance.sqrt() * randn_like(x, generator)                          # predictor noise
                 if corrector:
-                    score = (denoise_along(volume_prior, x, expand_sigma(sigma_next, x), plane, calls) - x) / sigma_next ** 2
+                    score = (run.denoise(x, sigma_next, plane) - x) / sigma_next ** 2
                     noise = randn_like(x, generator)
                     ratio = _batch_norm(noise) / _batch_norm(score).clamp_min(torch.finfo(x.dtype).tiny)
                     step_size = (2 * (snr * ratio) ** 2).reshape(-1, 1, 1, 1, 1)             # Langevin, score-SDE
                     x = x + step_size * score + (2 * step_size).sqrt() * noise
-            x, z_tv, w, cg_residual = admm_tv_z_step(problem, x, z_tv, w, lam=lam, rho=rho, cg_steps=cg_steps,
-                                                     adjoint_y=adjoint_y)                   # Eq. (11)-(13)
-            residuals.append(_residual_norm(problem, x))
-            cg_residuals.append(float(cg_residual.mean()))
+            x = run.data_step(x, lam=lam, rho=rho, cg_steps=cg_steps)                      # Eq. (11)-(13)
             notify(callback, i, steps, {"x": x, "x0_hat": x0_hat, "sigma": sigma, "plane": plane,
-                                        "residual_norm": residuals[-1], "nfe": calls.nfe})
-    slices = x.shape[0] * x.shape[2]
-    return SampleResult(x=x, diagnostics=_diagnostics(
-        wall, calls, sigmas, like, slices, lam=lam, rho=rho, cg_steps=cg_steps, snr=snr, slice_axes=slice_axes,
-        residual_norm=residuals, cg_residual=cg_residuals), trajectory=trajectory_of(callback))
+                                        "residual_norm": run.residuals[-1], "nfe": run.calls.nfe})
+    return SampleResult(x=x, diagnostics=run.diagnostics(x, lam=lam, rho=rho, cg_steps=cg_steps, snr=snr,
+                                                         slice_axes=slice_axes), trajectory=trajectory_of(callback))
 
 
 def _batch_norm(t: torch.Tensor) -> torch.Tensor:
@@ -280,34 +326,21 @@ def sample_dds(problem: InverseProblem, prior: Denoiser, *, steps: int = 50, eta
         raise ValueError(f"gamma must be > 0 or None, got {gamma!r}")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1], got {eta!r}")
-    volume_prior = as_slice_prior(prior, chunk)
-    like = _volume_state(problem)
-    _reset_peak(like)
-    with timed(problem.y) as wall, torch.no_grad():
-        calls = NetworkCalls()
-        sigmas = sigma_schedule(volume_prior, steps, sigma_min, sigma_max, like)
-        adjoint_y = problem.operator.A_adjoint(problem.y)
-        x = sigmas[0] * randn_like(like, generator)
-        z_tv = difference_z(torch.zeros_like(x))
-        w = torch.zeros_like(z_tv)
-        residuals, cg_residuals = [], []
-        keep_eps = math.sqrt(1 - eta ** 2)
+    keep_eps = math.sqrt(1 - eta ** 2)
+    with volume_run(problem, prior, steps=steps, chunk=chunk, sigma_min=sigma_min, sigma_max=sigma_max,
+                    generator=generator) as run:
+        x, sigmas = run.x, run.sigmas
         for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
             plane = _plane_of_step(slice_axes, i)
-            x0_hat = denoise_along(volume_prior, x, expand_sigma(sigma, x), plane, calls)     # Tweedie
-            x0_dc, z_tv, w, cg_residual = admm_tv_z_step(problem, x0_hat, z_tv, w, lam=lam, rho=rho,
-                                                         cg_steps=cg_steps, adjoint_y=adjoint_y, gamma=gamma)
+            x0_hat = run.denoise(x, sigma, plane)                                              # Tweedie
+            x0_dc = run.data_step(x0_hat, lam=lam, rho=rho, cg_steps=cg_steps, gamma=gamma)   # ADMM-TV_z
             eps_hat = (x - x0_hat) / sigma
             x = x0_dc + sigma_next * (eta * randn_like(x, generator) + keep_eps * eps_hat)         # DDIM, Eq. (8)
-            residuals.append(_residual_norm(problem, x0_dc))
-            cg_residuals.append(float(cg_residual.mean()))
             notify(callback, i, steps, {"x": x0_dc, "x_t": x, "x0_hat": x0_hat, "sigma": sigma, "plane": plane,
-                                        "residual_norm": residuals[-1], "nfe": calls.nfe})
-    slices = x.shape[0] * x.shape[2]
-    return SampleResult(x=x0_dc, diagnostics=_diagnostics(
-        wall, calls, sigmas, like, slices, lam=lam, rho=rho, cg_steps=cg_steps, eta=eta, gamma=gamma,
-        slice_axes=slice_axes,
-        residual_norm=residuals, cg_residual=cg_residuals), trajectory=trajectory_of(callback))
+                                        "residual_norm": run.residuals[-1], "nfe": run.calls.nfe})
+    return SampleResult(x=x0_dc, diagnostics=run.diagnostics(x0_dc, lam=lam, rho=rho, cg_steps=cg_steps, eta=eta,
+                                                             gamma=gamma, slice_axes=slice_axes),
+                        trajectory=trajectory_of(callback))
 
 
 # ---- 3-D total variation (classical reference) ---------------------------------------------------------------
