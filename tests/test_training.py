@@ -148,6 +148,40 @@ def test_main_cli_trains_and_exports(tmp_path, monkeypatch):
     assert rc == 0 and json.loads((tmp_path / "w" / "again.json").read_text())["steps"] == 2
 
 
+def test_device_option_trains_on_the_cpu_and_refuses_cuda_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "SIGMA_DATA_IMAGES", 32)
+    common = ["--data", "ct-phantoms", "--channels", "1", "--size", "16", "--steps", "1", "--batch", "2",
+              "--base-channels", "8", "--channel-mults", "1,2", "--log-every", "1", "--no-progress"]
+    assert T.main(common + ["--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    from invdiff.errors import InputError
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            T.main(common + ["--out", str(tmp_path / "gpu"), "--device", "cuda"])
+        assert not (tmp_path / "gpu").exists()
+    with pytest.raises(InputError, match="--device"):
+        T.main(common + ["--out", str(tmp_path / "typo"), "--device", "gpu0"])
+    assert not (tmp_path / "typo").exists()
+
+
+def test_bf16_autocast_changes_only_the_network_arithmetic():
+    net = EDMUNet(UNetConfig.from_dict(TINY_UNET))
+    with torch.no_grad():                       # the output conv starts at zero (EDM): give it weights
+        net.conv_out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    x0 = torch.rand(3, 1, 16, 16)
+    full = T.edm_loss(net, x0, torch.Generator().manual_seed(5))
+    half = T.edm_loss(net, x0, torch.Generator().manual_seed(5), bf16=True)
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert half != full                                      # autocast really ran (bf16 rounds differently)
+    assert half.item() == pytest.approx(full.item(), rel=0.05)   # ... to bf16's ~3 significant digits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_run_moves_between_cpu_and_cuda(tmp_path):
+    T.train(tiny_config(steps=2), tmp_path / "run", progress=False, device="cpu")
+    moved = T.train(tiny_config(steps=4), tmp_path / "run", progress=False, device="cuda", bf16=True)
+    assert moved.step == 4 and all(torch.isfinite(v).all() for v in moved.tensors().values() if v.is_floating_point())
+
+
 # ------------------------------------------------------------------------------------------ data sources
 def test_reference_scale_is_the_percentile_of_the_magnitude():
     x = torch.arange(1000, dtype=torch.float32).reshape(1, 10, 100) - 500
