@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from invdiff.errors import InputError
 from invdiff.operators.inpainting import Inpainting
 from invdiff.priors.tokens import (MaskedTransformer, TokenizerConfig, TransformerConfig, VQTokenizer,
                                    load_token_prior, sinusoidal_grid, train_main)
@@ -48,9 +49,23 @@ def test_a_rerun_resumes_from_the_checkpoint(run_folder):
     assert train_main(["--stage", "tokenizer", "--out", str(run_folder), "--steps", "36", *TINY_TOKENIZER]) == 0
     steps = [s for s, _ in _losses(run_folder, "tokenizer", "reconstruction")]
     assert steps[-3:] == [32, 34, 36]                                       # continued, not restarted
-    with pytest.raises(SystemExit, match="saved with config"):
+    with pytest.raises(InputError, match="saved with config"):
         train_main(["--stage", "tokenizer", "--out", str(run_folder), "--steps", "30", "--size", "16",
                     "--batch", "8", "--width", "16", "--codes", "64", "--code-dim", "4"])
+
+
+def test_device_option_and_bad_input_are_one_line_errors(tmp_path):
+    fresh = tmp_path / "fresh"
+    assert train_main(["--stage", "tokenizer", "--out", str(fresh), "--steps", "2", "--device", "cpu",
+                       *TINY_TOKENIZER]) == 0
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            train_main(["--stage", "tokenizer", "--out", str(fresh), "--steps", "4", "--device", "cuda",
+                        *TINY_TOKENIZER])
+    with pytest.raises(InputError, match="--stage"):
+        train_main(["--out", str(fresh)])
+    with pytest.raises(InputError, match="multiple of 4"):
+        train_main(["--stage", "tokenizer", "--out", str(fresh), "--size", "18"])
 
 
 def test_exported_prior_serves_the_token_samplers_on_another_grid(run_folder, tmp_path):

@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from invdiff.errors import InputError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -229,7 +231,7 @@ class MaskedTransformer(nn.Module):
         ratio = torch.cos(math.pi / 2 * torch.rand(batch, 1, generator=generator))
         count = (ratio * length).ceil().clamp(min=1)
         rank = torch.rand(batch, length, generator=generator).argsort(dim=1).argsort(dim=1)
-        mask = rank < count                                                      # uniformly random positions
+        mask = (rank < count).to(ids.device)                                                      # uniformly random positions
         logits = self(torch.where(mask, torch.full_like(ids, self.config.codes), ids), grid)
         loss = F.cross_entropy(logits[mask], ids[mask])
         accuracy = float((logits[mask].argmax(-1) == ids[mask]).float().mean())
@@ -335,7 +337,7 @@ def _write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     from safetensors.torch import save_file
 
     temporary = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary),
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary),
               metadata={"json": json.dumps(metadata)})
     os.replace(temporary, path)                                                  # a killed run keeps the old one
 
@@ -384,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
     p.add_argument("--log-every", type=int, default=25, help="steps between loss.jsonl lines")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present), cpu or cuda[:N]; data and masks are drawn on the CPU generator, "
+                        "so a seed is one stream on every device and a stage can resume on another device")
     return p
 
 
@@ -400,9 +405,9 @@ def train_main(argv=None) -> int:
         log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
         return 0
     if args.stage is None:
-        raise SystemExit("train-prior --kind tokens: give --stage tokenizer|transformer (or --export NAME)")
+        raise InputError("train-prior --kind tokens: give --stage tokenizer|transformer (or --export NAME)")
     if args.size % DOWNSAMPLING:
-        raise SystemExit(f"--size must be a multiple of {DOWNSAMPLING}, got {args.size}")
+        raise InputError(f"--size must be a multiple of {DOWNSAMPLING}, got {args.size}")
     out.mkdir(parents=True, exist_ok=True)
     return train_stage(args, out)
 
@@ -410,7 +415,10 @@ def train_main(argv=None) -> int:
 def train_stage(args, out: Path) -> int:
     from invdiff.datasets.training import make_source
 
+    from invdiff.tasks.base import resolve_device
+
     checkpoint = out / f"{args.stage}.safetensors"
+    device = resolve_device(getattr(args, "device", "cpu"))
     generator = torch.Generator().manual_seed(args.seed)
     tok_config = TokenizerConfig(channels=args.channels, width=args.width, codes=args.codes, code_dim=args.code_dim)
     tokenizer = VQTokenizer(tok_config)
@@ -420,16 +428,17 @@ def train_stage(args, out: Path) -> int:
         saved, meta = _read_checkpoint(out / "tokenizer.safetensors")
         tokenizer = VQTokenizer(TokenizerConfig(**meta["config"]))
         tokenizer.load_state_dict({k[len("tokenizer."):]: v for k, v in saved.items() if k.startswith("tokenizer.")})
-        tokenizer.eval().requires_grad_(False)
+        tokenizer.to(device).eval().requires_grad_(False)
         config = TransformerConfig(codes=tokenizer.config.codes, dim=args.dim, layers=args.layers, heads=args.heads)
         model, lr = MaskedTransformer(config), args.lr or 3e-4
+    model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, seconds = 0, 0.0
     command = getattr(args, "command", "")
     if checkpoint.exists():                                                      # resume
         saved, meta = _read_checkpoint(checkpoint)
         if meta["config"] != config.to_dict() or meta["data"] != [args.data, args.channels, args.size, args.batch]:
-            raise SystemExit(f"{checkpoint}: saved with config {meta['config']} / data {meta['data']}; this command "
+            raise InputError(f"{checkpoint}: saved with config {meta['config']} / data {meta['data']}; this command "
                              f"asks for {config.to_dict()} / {[args.data, args.channels, args.size, args.batch]}")
         model.load_state_dict({k[len(args.stage) + 1:]: v for k, v in saved.items() if k.startswith(args.stage + ".")})
         _load_optimiser(optimiser, saved)
@@ -457,7 +466,7 @@ def train_stage(args, out: Path) -> int:
     with open(out / "loss.jsonl", "a") as loss_log:
         while step < args.steps and not stop["now"]:
             t0 = time.monotonic()
-            x = source.batch(generator)
+            x = source.batch(generator).to(device)
             model.train()
             if args.stage == "tokenizer":
                 loss, record = model.loss(x, step, generator)
@@ -494,4 +503,8 @@ def _main_thread() -> bool:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(train_main())
+    try:
+        raise SystemExit(train_main())
+    except InputError as err:                      # bad input: one line, exit 2 (as `invdiff train-prior`)
+        print(f"invdiff train-prior --kind tokens: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
