@@ -5,15 +5,17 @@
 
 Steps (each with its own time limit; a failed or timed-out step is recorded and the next one runs):
 
-1. ``contract``: the CUDA contract tests (``tests/test_operator_contract.py -k cuda``: every registered operator
-   on CUDA against its CPU result);
+1. ``contract``: the CUDA tests (``tests/test_operator_contract.py tests/test_training.py -k cuda``: every
+   registered operator on CUDA against its CPU result; a training run moving from CPU to CUDA under bf16);
 2. ``main-job``: the README main job on CUDA (``invdiff reconstruct data/brain_t1_multicoil.h5 --solver reddiff
    --accel 4``), its PSNR / SSIM line kept;
 3. ``speed``: ``python -m benchmarks.run --device cuda --network-dtype bfloat16`` (bf16 around the network), which
    writes its own ``benchmarks/results/<date>-cuda*.json/.md``;
 4. ``batch``: ``invdiff batch`` with a diffusion solver (RED-Diff, 100 steps) over the shipped multi-coil scans,
    plainly and under ``torchrun --nproc_per_node=<GPUs>`` (NCCL), slices per second of each, and whether the two
-   runs' outputs are byte-identical (not required across launches on GPUs: recorded, not asserted).
+   runs' outputs are byte-identical (not required across launches on GPUs: recorded, not asserted);
+5. ``train``: ``invdiff train-prior --device cuda --bf16`` for 300 steps of the brain recipe (64 px, batch 32),
+   seconds per step kept (the CPU's, one thread, batch 8, is ~0.75 s).
 
 Writes ``benchmarks/results/gpu_check-<date>-<device>.json`` and ``.md`` (atomically): per step the command, exit
 status, wall seconds and the lines worth keeping; the GPU, torch and CUDA versions.
@@ -42,7 +44,8 @@ from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
 
 BUDGET_S = 8 * 60
 BATCH_SCANS = ("brain_t1_multicoil.h5", "brain_multislice_multicoil.h5")
-KEEP = re.compile(r"(PSNR|passed|failed|skipped|error|slices computed|batch plan|wrote .*\.(json|md)|mean of)", re.I)
+KEEP = re.compile(r"(PSNR|passed|failed|skipped|error|slices computed|batch plan|wrote .*\.(json|md)|mean of|s/step)",
+                  re.I)
 
 
 def run_step(name: str, argv: list[str], timeout: float, env: dict) -> dict:
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path(tempfile.mkdtemp(prefix="gpu_check-smoke-"))
     try:
         steps_done.append(run_step("contract", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                "tests/test_operator_contract.py", "-k", "cuda"],
+                                                "tests/test_operator_contract.py", "tests/test_training.py",
+                                                "-k", "cuda"],
                                    min(90, left()), env))
         main_job = [py, "-m", "invdiff.cli", "reconstruct", "data/brain_t1_multicoil.h5", "--solver", "reddiff",
                     "--accel", "4", "--out", str(work / "brain_t1_reddiff.h5"), "--device", device, "--steps",
@@ -160,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         batch_summary = {"scans": names, "steps": steps, "ranks": nproc, "slices_per_s_1_process": rate(plain),
                          f"slices_per_s_{nproc}_ranks": rate(ranked),
                          "outputs_byte_identical": same_outputs(work / "b1", work / "bn", names)}
+        train = [py, "-m", "invdiff.priors.train", "--data", "mni-brain-scales", "--channels", "2", "--attention",
+                 "--spacing-conditioning", "--out", str(work / "train"), "--device", device, "--log-every", "50"]
+        train += (["--size", "16", "--batch", "2", "--steps", "2", "--base-channels", "8", "--channel-mults", "1,2"]
+                  if smoke else ["--size", "64", "--batch", "32", "--steps", "300", "--bf16"])
+        steps_done.append(run_step("train", train, min(150, left()), env))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
