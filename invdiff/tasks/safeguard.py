@@ -43,9 +43,15 @@ class Verdict:
     reference_error: float
     held_out_columns: int
     chosen: str
+    check_nfe: int = 0                  # network evaluations the check spent (the trial run on the reduced data)
+
+    @property
+    def kept(self) -> bool:
+        """Whether the solver's own image was returned (else the reference's: the solver was overruled)."""
+        return self.chosen == self.solver
 
     def as_record(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "verdict": "kept" if self.kept else "overruled"}
 
 
 def held_out_columns(mask: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -83,6 +89,28 @@ def _prediction_error(operator, y: torch.Tensor, sigma_y: float, x: torch.Tensor
     return (float((predicted - measured).pow(2).sum()) - noise_floor) / max(float(measured.pow(2).sum()), 1e-30)
 
 
+def column_mask(operator) -> torch.Tensor:
+    """The one bool column mask (W,) of a Cartesian / SENSE operator (multi-slice: the same for every slice);
+    :class:`InputError` for operators without one."""
+    rows = getattr(operator, "mask", None)
+    rows = None if rows is None else rows.reshape(-1, rows.shape[-1]).bool().cpu()
+    if rows is None or not torch.all(rows == rows[0]):
+        raise InputError(f"safeguard: needs an operator with one column mask (Cartesian / SENSE MRI), got "
+                         f"{type(operator).__name__}")
+    return rows[0]
+
+
+def _held_out(image: TaskImage, mask: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    # Its own stream, apart from the solver's (seed rule + a fixed offset), so the check does not change the result.
+    return held_out_columns(mask, fraction, image_generator(seed, image.index + 7_919, "cpu"))
+
+
+def check_safeguard(image: TaskImage, *, seed: int = 0, fraction: float = 0.2) -> None:
+    """:class:`InputError` now if :func:`safeguarded_solve` cannot check ``image`` (no column mask, or too few
+    columns to hold out), so a comparison refuses before any solver runs."""
+    _held_out(image, column_mask(image.problem.operator), fraction, seed)
+
+
 def safeguarded_solve(image: TaskImage, solver: str, prior, hyperparameters: dict, *, seed: int = 0,
                       reference: str = "cg-sense", fraction: float = 0.2, tolerance: float = 1.0,
                       callback=None) -> tuple[Solution, Verdict]:
@@ -91,14 +119,8 @@ def safeguarded_solve(image: TaskImage, solver: str, prior, hyperparameters: dic
 
     problem = image.problem
     operator = problem.operator
-    rows = getattr(operator, "mask", None)
-    rows = None if rows is None else rows.reshape(-1, rows.shape[-1]).bool().cpu()
-    if rows is None or not torch.all(rows == rows[0]):
-        raise InputError(f"safeguard: needs an operator with one column mask (Cartesian / SENSE MRI), got "
-                         f"{type(operator).__name__}")
-    full_mask = rows[0]
-    # Its own stream, apart from the solver's (seed rule + a fixed offset), so the check does not change the result.
-    held = held_out_columns(full_mask, fraction, image_generator(seed, image.index + 7_919, "cpu"))
+    full_mask = column_mask(operator)
+    held = _held_out(image, full_mask, fraction, seed)
     kept = full_mask & ~held
     reduced_operator = operator.replace(mask=kept.to(operator.mask.device))
     y_kept = torch.where(kept.to(problem.y.device), problem.y, torch.zeros((), dtype=problem.y.dtype,
@@ -118,7 +140,8 @@ def safeguarded_solve(image: TaskImage, solver: str, prior, hyperparameters: dic
         solution = solve(image, solver, prior, hyperparameters, seed=seed, callback=callback)
     else:
         solution = solve(image, reference, None, reference_values, seed=seed)
-    return solution, Verdict(solver, reference, solver_error, reference_error, int(held.sum()), chosen)
+    check_nfe = int(trial.result.diagnostics.get("nfe", 0))
+    return solution, Verdict(solver, reference, solver_error, reference_error, int(held.sum()), chosen, check_nfe)
 
 
-__all__ = ["Verdict", "held_out_columns", "safeguarded_solve"]
+__all__ = ["Verdict", "held_out_columns", "column_mask", "check_safeguard", "safeguarded_solve"]
