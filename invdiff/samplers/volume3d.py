@@ -57,6 +57,7 @@ from typing import Any, Iterator
 
 import torch
 
+from invdiff.errors import UnsupportedOperatorError
 from invdiff.operators.base import conjugate_gradient
 from invdiff.priors.base import Denoiser, SliceDenoiser
 from invdiff.problem import InverseProblem
@@ -156,9 +157,10 @@ def _check(steps: int, slice_axes: str, lam: float, rho: float, cg_steps: int, c
 
 def _volume_state(problem: InverseProblem) -> torch.Tensor:
     shape = tuple(problem.operator.in_shape)
-    if len(shape) != 4:
-        raise ValueError(f"3-D samplers need a volume operator (in_shape (C, D, H, W)); "
-                         f"{type(problem.operator).__name__} has in_shape {shape}")
+    if len(shape) != 4:                 # a comparison shows this as an n/a row (invdiff compare without --3d)
+        raise UnsupportedOperatorError(f"3-D solvers need a volume operator (in_shape (C, D, H, W); invdiff "
+                                       f"reconstruct / compare --3d); {type(problem.operator).__name__} has in_shape "
+                                       f"{shape}")
     dtype = torch.promote_types(problem.y.dtype, torch.float32)
     return torch.empty((problem.y.shape[0], *shape), dtype=dtype, device=problem.y.device)
 
