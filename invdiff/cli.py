@@ -19,6 +19,7 @@ from invdiff.errors import InputError
 log = logging.getLogger("invdiff")
 
 DEFAULT_COMPARE_SOLVERS = "reddiff,dps,diffpir,cg-sense,l1-wavelet"
+DEFAULT_COMPARE_SOLVERS_3D = "dds,diffusion-mbir,tv-3d,reddiff,cg-sense"
 MASK_HELP = "fastMRI mask function seeded by the file name: random, equispaced or equispaced_fraction"
 SET_HELP = ("hyperparameter of a solver, SOLVER:NAME=VALUE, typed by its signature (repeatable); over the tuned "
             "settings of invdiff.settings, which `invdiff info SOLVER` lists")
@@ -114,16 +115,18 @@ def _cmd_reconstruct(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from invdiff.compare import compare_scan, parse_accelerations, parse_solver_list
+    from invdiff.compare import compare_scan, compare_volume, parse_accelerations, parse_solver_list
     from invdiff.settings import parse_set
 
     _set_threads(args)
-    solvers = parse_solver_list(args.solvers)
+    default = DEFAULT_COMPARE_SOLVERS_3D if args.volume else DEFAULT_COMPARE_SOLVERS
+    solvers = parse_solver_list(args.solvers or default)
     overrides = parse_set(args.set)
-    report = compare_scan(args.scan, solvers, parse_accelerations(args.accel), args.out, prior=args.prior,
-                          seed=args.seed, slices=args.slices, overrides=overrides, device=args.device,
-                          progress=not args.no_progress, steps=args.steps, center_fraction=args.center_fraction,
-                          mask_kind=args.mask)
+    run = compare_volume if args.volume else compare_scan
+    report = run(args.scan, solvers, parse_accelerations(args.accel), args.out, prior=args.prior, seed=args.seed,
+                 slices=args.slices, overrides=overrides, device=args.device, progress=not args.no_progress,
+                 steps=args.steps, center_fraction=args.center_fraction, mask_kind=args.mask,
+                 safeguard=args.safeguard)
     print("\n".join(report.summary_lines()))
     return 0
 
@@ -243,10 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run several solvers on identical inputs (mask, coil maps, normalisation, seed) "
                                    "of a fastMRI scan; write metrics.csv, grid-<acc>x.png and compare.json into --out.")
     _add_scan_options(p, accel_help="comma-separated accelerations, e.g. 4,8 (default: 4)", accel_default="4")
-    p.add_argument("--solvers", default=DEFAULT_COMPARE_SOLVERS,
-                   help=f"comma-separated solver names (default: {DEFAULT_COMPARE_SOLVERS}); zero-filled is "
-                        f"always added as the baseline")
+    p.add_argument("--solvers", default=None,
+                   help=f"comma-separated solver names (default: {DEFAULT_COMPARE_SOLVERS}; with --3d "
+                        f"{DEFAULT_COMPARE_SOLVERS_3D}); zero-filled is always added as the baseline")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--3d", dest="volume", action="store_true",
+                   help="the chosen slices as one volume per acceleration, as reconstruct --3d poses it: 3-D solvers "
+                        "(dds, diffusion-mbir, tv-3d) and 2-D ones (the prior slice by slice) on the same volume "
+                        "problem; PSNR / SSIM per plane (axial, coronal, sagittal), time, peak memory, settings")
+    p.add_argument("--safeguard", action="store_true",
+                   help="each prior solver's row is its safeguarded result (held-out k-space check against "
+                        "CG-SENSE, as reconstruct --safeguard); the verdict per slice goes in the table")
     p.set_defaults(run=_cmd_compare)
 
     p = add("batch", help="reconstruct every fastMRI file of a folder (plainly or under torchrun), resumable",
