@@ -353,7 +353,7 @@ def _column(sigma: torch.Tensor) -> torch.Tensor:
 class _ClosedFormTweedie:
     """Mixin of the single-Gaussian priors: ``Cov[x0 | x]`` in closed form (it does not depend on x).
 
-    Only priors that have it carry ``tweedie_covariance`` (the SMC sampler checks for the attribute).
+    The other priors (mixtures, low rank) use the base class's autodiff operator (``Denoiser.tweedie_covariance``).
     """
 
     def tweedie_covariance(self, x: torch.Tensor, sigma, v: torch.Tensor, power: float = 1.0) -> torch.Tensor:
