@@ -14,7 +14,8 @@ Tasks (built by the task layer :mod:`invdiff.tasks`, so they are the recipes' pr
 * ``mri-4x``: ``data/brain_t1_multicoil.h5`` through the ``invdiff reconstruct`` pipeline (8 coils, ESPIRiT,
   fastMRI random mask at 4x, k-space 384 x 192), prior ``brain-mri-complex``;
 * ``ct-60``: the held-out thorax phantom of ``data/ct_samples.h5`` at 128 px, 60 views, 1 % noise, prior
-  ``ct-phantom`` (fixed scale);
+  ``ct-phantom`` (fixed scale); ``--ct-geometries parallel,fan,limited`` adds ``ct-fan-60`` (flat-detector fan
+  beam over 360 degrees) and ``ct-limited120-60`` (parallel beam over [0, 120) degrees);
 * ``inpainting``: the T1 slice (192 x 192, complex, zero phase), 50 % random pixels, prior ``brain-mri-complex``.
 
 Solvers: ``--solvers`` (default reddiff, dps, diffpir, ddrm and the classical cg-sense, l1-wavelet, tv), each
@@ -125,8 +126,10 @@ def _t1_image(size: int | None = None) -> np.ndarray:
     return image if size is None else block_average(image, size)
 
 
-def build_tasks(quick: bool, device: torch.device, workdir: Path) -> list[tuple[Task, str]]:
-    """(task, prior kind) pairs: prior kind "mri" or "ct". Quick: 48 / 32 px images (a synthetic scan)."""
+def build_tasks(quick: bool, device: torch.device, workdir: Path,
+                ct_geometries: tuple[str, ...] = ("parallel",)) -> list[tuple[Task, str]]:
+    """(task, prior kind) pairs: prior kind "mri" or "ct". Quick: 48 / 32 px images (a synthetic scan).
+    ct_geometries: the CT task at 60 views in each geometry (parallel, fan, limited: 120 degrees)."""
     from invdiff.datasets.synthetic import write_fake_fastmri
     from invdiff.operators.inpainting import random_pixel_mask
 
@@ -142,10 +145,11 @@ def build_tasks(quick: bool, device: torch.device, workdir: Path) -> list[tuple[
     mri.name = "mri-4x"
     with h5py.File(REPO / "data" / "ct_samples.h5", "r") as h5:
         phantom = block_average(h5["images"][3], ct_size)                  # 'thorax', held out
-    ct = ct_task(phantom, 60, noise_fraction=0.01, device=device)
+    cts = [(ct_task(phantom, 60, noise_fraction=0.01, device=device, geometry=geometry), "ct")
+           for geometry in ct_geometries]
     inpainting = inpainting_task(inpaint_image, random_pixel_mask(inpaint_image.shape, 0.5, generator=0),
                                  name="inpainting", device=device)
-    return [(mri, "mri"), (ct, "ct"), (inpainting, "mri")]
+    return [(mri, "mri"), *cts, (inpainting, "mri")]
 
 
 def load_priors(args, tasks, device: torch.device) -> dict:
@@ -279,6 +283,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS), help="comma-separated solver names")
     parser.add_argument("--mri-prior", default="brain-mri-complex", help="MRI prior name or exported path")
     parser.add_argument("--ct-prior", default="ct-phantom", help="CT prior name or exported path")
+    parser.add_argument("--ct-geometries", default="parallel",
+                        help="comma-separated CT geometries of the 60-view task: parallel, fan, limited (120 degrees)")
     parser.add_argument("--network-dtype", choices=["float32", "bfloat16"], default=None,
                         help="dtype of the network (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -296,7 +302,7 @@ def main(argv=None) -> dict:
     steps = args.steps or (5 if args.quick else 100)
     load_start = load_average()
     with tempfile.TemporaryDirectory() as workdir:
-        tasks = build_tasks(args.quick, device, Path(workdir))
+        tasks = build_tasks(args.quick, device, Path(workdir), tuple(args.ct_geometries.split(",")))
         priors = load_priors(args, tasks, device)
         rows = []
         for task, _ in tasks:

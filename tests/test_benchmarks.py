@@ -18,20 +18,21 @@ def _benchmark():
 def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     benchmark = _benchmark()
     ROW_KEYS = benchmark.ROW_KEYS
-    report = benchmark.main(["--quick", "--out", str(tmp_path), "--solvers", "reddiff,dps,diffpir,ddrm,cg-sense"])
+    report = benchmark.main(["--quick", "--out", str(tmp_path), "--solvers", "reddiff,dps,diffpir,ddrm,cg-sense",
+                             "--ct-geometries", "parallel,fan,limited"])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"{report['date']}-cpu-quick.{suffix}" for suffix in ("json", "md", "png")]
     saved = json.loads((tmp_path / files[0]).read_text())
     for key in ("date", "device", "steps", "threads", "torch_version", "rows", "reddiff_vs_dps", "priors",
                 "memory_method", "network_dtype"):
         assert key in saved
-    tasks = {"mri-4x", "ct-60", "inpainting"}
+    tasks = {"mri-4x", "ct-60", "ct-fan-60", "ct-limited120-60", "inpainting"}
     assert {row["task"] for row in saved["rows"]} == tasks
     assert {row["solver"] for row in saved["rows"]} >= {"reddiff", "dps", "diffpir", "cg-sense"}
     for row in saved["rows"]:
         assert set(ROW_KEYS) <= set(row)
         if row["note"].startswith("n/a"):                         # DDRM: no SVD for SENSE or CT
-            assert row["solver"] == "ddrm" and row["task"] in ("mri-4x", "ct-60")
+            assert row["solver"] == "ddrm" and (row["task"] == "mri-4x" or row["task"].startswith("ct-"))
             continue
         assert row["wall_seconds"] > 0 and 0 <= row["network_seconds"] <= row["wall_seconds"]
         assert 0 <= row["overhead_fraction"] <= 1

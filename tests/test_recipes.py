@@ -64,7 +64,7 @@ def test_compare_ct_tiny(tmp_path):
     recipe = _load("compare_ct")
     report = recipe.main(["--tiny", "--out", str(tmp_path)])
     config = recipe.Config().tiny_variant()
-    tasks = [f"ct-{views}" for views in config.views]
+    tasks = [f"ct-{views}" for views in config.views] + ["ct-fan-16", "ct-limited120-16"]
     _check(tmp_path, config, tasks, ["fbp"] * len(tasks), not_applicable={"ddrm"})
     from invdiff import settings
     assert report.row("reddiff", tasks[0]).hyperparameters == settings.effective("reddiff", "ct", steps=config.steps)

@@ -14,7 +14,7 @@ from invdiff.errors import InputError
 from invdiff.operators.inpainting import random_pixel_mask
 from invdiff.priors.analytic import smooth_gaussian_prior
 from invdiff.tasks import (SEED_STRIDE, block_average, ct_task, image_generator, inpainting_task, parse_slices,
-                           pixel_spacing_mm, scan_mask, scan_slice, superres_task)
+                           pixel_spacing_mm, scan_mask, scan_slice, solve, superres_task)
 
 from sample_objects import piecewise_smooth_image
 
@@ -32,6 +32,33 @@ def test_ct_task_keeps_the_fixed_scale():
     assert abs(float(noise.std()) - 1) < 0.15 and task.images[0].info["scale"] == 1.0
     assert task.baseline == "fbp"
     np.testing.assert_array_equal(task.images[0].to_image(torch.from_numpy(image)[None, None]), image)
+
+
+def test_fan_beam_and_limited_angle_ct_tasks():
+    """The CT task in its three geometries: the operator and angles they name, FBP as the baseline that works
+    (the fan-beam FBP, the parallel FBP with an empty wedge), and bad geometry settings as InputError."""
+    from invdiff.errors import InputError
+    from invdiff.operators.ct import FanBeamCT, ParallelBeamCT
+
+    image = _image(24)
+    fan = ct_task(image, 16, seed=1, geometry="fan")
+    limited = ct_task(image, 16, seed=1, geometry="limited", angle_range=90)
+    assert fan.name == "ct-fan-16" and limited.name == "ct-limited90-16"
+    assert isinstance(fan.images[0].problem.operator, FanBeamCT)
+    assert isinstance(limited.images[0].problem.operator, ParallelBeamCT)
+    np.testing.assert_allclose(fan.images[0].problem.operator.angles.cpu().numpy(), np.arange(16) * 22.5)
+    np.testing.assert_allclose(limited.images[0].problem.operator.angles.cpu().numpy(), np.arange(16) * 5.625)
+    full = ct_task(image, 16, seed=1)
+    corr = {task.name: np.corrcoef(solve(task.images[0], "fbp", None, {}).image.ravel(), image.ravel())[0, 1]
+            for task in (full, fan, limited)}
+    assert corr["ct-16"] > 0.8 and corr["ct-fan-16"] > 0.8, corr
+    assert 0.5 < corr["ct-limited90-16"] < corr["ct-16"] - 0.05, corr      # the missing wedge costs FBP, visibly
+    with pytest.raises(InputError, match="geometry"):
+        ct_task(image, 8, geometry="cone")
+    with pytest.raises(InputError, match=r"\(0, 180\)"):
+        ct_task(image, 8, geometry="limited", angle_range=200)
+    with pytest.raises(InputError, match="angle_range"):
+        ct_task(image, 8, geometry="parallel", angle_range=90)
 
 
 def test_inpainting_and_superres_tasks():

@@ -15,15 +15,25 @@ from invdiff.problem import InverseProblem
 from invdiff.tasks.base import Task, TaskImage, image_generator, magnitude_image, real_image
 
 
-def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, seed: int = 0, device="cpu",
-            name: str | None = None) -> Task:
-    """Sparse-view parallel-beam CT of ``images`` (N, H, H) on the CT prior's fixed scale, ``views`` angles in [0, 180).
+CT_GEOMETRIES = ("parallel", "fan", "limited")
+# Degrees a full scan covers: parallel rays repeat after 180 (opposite rays see the same line integral); the
+# fan-beam FBP here is the 360-degree one (a short scan would need Parker weights).
+FULL_SCAN_DEGREES = {"parallel": 180.0, "fan": 360.0}
+DEFAULT_LIMITED_DEGREES = 120.0
 
-    ``y = A x + sigma_y n`` with ``sigma_y = noise_fraction * RMS(A x)`` (per image; noise from the image's
-    generator). The CT prior is trained on the fixed scale ``(HU + 1000) / 2000`` in [0, 1], so the problem is
-    *not* rescaled (scale 1; no percentile rule). Baseline: FBP (ramp filter).
+
+def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, seed: int = 0, device="cpu",
+            name: str | None = None, geometry: str = "parallel", angle_range: float | None = None) -> Task:
+    """Sparse-view CT of ``images`` (N, H, H) on the CT prior's fixed scale, ``views`` equispaced angles.
+
+    geometry: ``parallel`` (angles in [0, 180)), ``fan`` (flat-detector fan beam, magnification 2, source at twice
+    the image side, angles in [0, 360)) or ``limited`` (parallel beam over a wedge [0, angle_range) only, default
+    120 degrees: the missing wedge of a C-arm or a breast tomosynthesis-like scan). ``y = A x + sigma_y n`` with
+    ``sigma_y = noise_fraction * RMS(A x)`` (per image; noise from the image's generator). The CT prior is trained
+    on the fixed scale ``(HU + 1000) / 2000`` in [0, 1], so the problem is *not* rescaled (scale 1; no
+    percentile rule). Baseline: FBP (ramp filter; for a limited wedge its angular weights leave the gap empty).
     """
-    from invdiff.operators.ct import ParallelBeamCT
+    from invdiff.operators.ct import FanBeamCT, ParallelBeamCT
 
     images = image_stack("images", images)
     size = images.shape[-1]
@@ -31,8 +41,21 @@ def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, see
         raise InputError(f"CT images must be square, got {images.shape[-2:]}")
     if isinstance(views, bool) or int(views) != views or views < 1:
         raise InputError(f"views must be a positive integer, got {views!r}")
+    if geometry not in CT_GEOMETRIES:
+        raise InputError(f"CT geometry: expected one of {', '.join(CT_GEOMETRIES)}, got {geometry!r}")
+    if geometry == "limited":
+        degrees = DEFAULT_LIMITED_DEGREES if angle_range is None else float(angle_range)
+        if not 0 < degrees < 180:
+            raise InputError(f"limited-angle CT: expected an angle range in (0, 180) degrees, got {angle_range!r}")
+    else:
+        if angle_range is not None:
+            raise InputError(f"angle_range is for geometry 'limited'; {geometry} scans cover "
+                             f"{FULL_SCAN_DEGREES[geometry]:.0f} degrees")
+        degrees = FULL_SCAN_DEGREES[geometry]
+    angles = np.linspace(0.0, degrees, int(views), endpoint=False)
+    beam = FanBeamCT if geometry == "fan" else ParallelBeamCT
+    operator = beam(size, angles=angles).to(device)
     device = torch.device(device)
-    operator = ParallelBeamCT(size, angles=np.linspace(0.0, 180.0, int(views), endpoint=False)).to(device)
     task_images = []
     for index, image in enumerate(images):
         clean = operator.A(torch.from_numpy(image)[None, None].to(device))
@@ -44,10 +67,14 @@ def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, see
         problem = InverseProblem(operator, clean + sigma_y * noise, sigma_y)
         task_images.append(TaskImage(problem, image, functools.partial(real_image, scale=1.0), index=index,
                                      info={"scale": 1.0, "sigma_y": sigma_y}))
-    info = {"views": int(views), "angles": "equispaced in [0, 180) degrees", "image_size": size,
-            "noise": f"sigma_y = {noise_fraction} x RMS of the clean sinogram",
+    beam_name = {"parallel": "parallel beam", "fan": "fan beam (flat detector, magnification 2)",
+                 "limited": "parallel beam, limited angle"}[geometry]
+    info = {"views": int(views), "geometry": beam_name, "angles": f"equispaced in [0, {degrees:g}) degrees",
+            "image_size": size, "noise": f"sigma_y = {noise_fraction} x RMS of the clean sinogram",
             "normalisation": "none: fixed CT scale (HU + 1000) / 2000 in [0, 1]"}
-    return Task(name or f"ct-{int(views)}", "ct", task_images, baseline="fbp", info=info)
+    default_name = {"parallel": f"ct-{int(views)}", "fan": f"ct-fan-{int(views)}",
+                    "limited": f"ct-limited{degrees:g}-{int(views)}"}[geometry]
+    return Task(name or default_name, "ct", task_images, baseline="fbp", info=info)
 
 
 def inpainting_task(image: np.ndarray, mask: torch.Tensor, *, name: str, noise_fraction: float = 0.01,
