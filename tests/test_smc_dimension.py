@@ -124,13 +124,21 @@ def test_tempered_intermediate_targets_hold_for_the_first_steps():
 
 
 def test_tweedie_needs_a_prior_with_a_tweedie_covariance():
+    """Every Denoiser has one (a mixture: by autodiff); a bare callable prior without it is refused."""
     prior = GaussianMixturePrior(torch.tensor([0.5, 0.5], dtype=F64), torch.randn(2, 4, dtype=F64,
                                  generator=torch.Generator().manual_seed(0)), torch.tensor(0.2, dtype=F64))
     operator = MatrixOperator(torch.eye(4, dtype=F64)[:2], in_shape=prior.event_shape)
     problem = simulate(operator, prior.sample(1, torch.Generator().manual_seed(1)), 0.1,
                        torch.Generator().manual_seed(2))
+    result = sample_smc(problem, prior, num_particles=4, steps=3, proposal="tweedie")
+    assert result.diagnostics["tweedie_covariance"] == "jacobian" and torch.isfinite(result.samples).all()
+
+    def bare(x, sigma):
+        return prior(x, sigma)
+
+    bare.sigma_min, bare.sigma_max = prior.sigma_min, prior.sigma_max
     with pytest.raises(ValueError, match="tweedie_covariance"):
-        sample_smc(problem, prior, num_particles=4, steps=3, proposal="tweedie")
+        sample_smc(problem, bare, num_particles=4, steps=3, proposal="tweedie")
     with pytest.raises(ValueError, match="ODE"):
         sample_smc(problem, _image_prior(4), num_particles=4, steps=3, proposal="tweedie", variant="ode")
 

@@ -110,9 +110,33 @@ under ``p(x0 | x) = N(D, C_t)`` (pathwise conditioning, then the Gaussian bridge
 locally optimal proposal for the twist ``N(y; A D, sigma_y^2 I + A C_t A^T)``, whose normaliser equals the
 previous twist exactly when D is affine: for Gaussian priors every intermediate target is ``p(x_t | y)``, the
 weights stay equal at any step count (so the returned ESS is N), and Stage I's stand-in error is damped by
-``(S + t^2) / (S + T^2)``. For non-Gaussian priors the same draw is a Gaussian (moment-matched) approximation whose
-weights are not corrected here; a network prior would need Jacobian-vector products and a Lanczos square root
-for ``C_t^(1/2)`` (not implemented: a prior without ``tweedie_covariance`` is refused).
+``(S + t^2) / (S + T^2)``.
+
+Network and other non-Gaussian priors run the same step with the autodiff covariance of the base class,
+``C_t = t^2 (J + J^T) / 2`` (:class:`invdiff.priors.base.JacobianCovariance`: one linearisation per step, one
+JVP + VJP per CG iteration in measurement space, a ``lanczos_iterations``-step Lanczos square root for
+``C_t^(1/2) xi``, a PSD guard). Their weights are *not* corrected; what the sampler then targets, precisely:
+write ``p~(x0 | x) = N(D, C_t)``, ``p~(x' | x)`` the Gaussian reverse kernel it induces through the bridge, and
+``L_t(x) = p~(y | x) = N(y; A D, A C_t A^T + sigma_y^2 I)`` the twist. The step draws x' from
+``q(x' | x) = p~(x' | x, y) = p~(x' | x) p~(y | x, x') / L_t(x)``, so the SMC weight towards the twisted targets
+``p~_t(x) L_t(x)`` (``p~_t`` the marginals of the chain ``p~``) is
+
+    w = p~(x' | x) L_next(x') / (L_t(x) q(x' | x)) = L_next(x') / p~(y | x, x'),
+
+two Gaussian densities in measurement space: ``N(y; A D', A C_next(x') A^T + sigma_y^2 I)`` and
+``N(y; A m_b, A C_b A^T + sigma_y^2 I)`` with ``N(m_b, C_b)`` the law of x0 given x and x'
+(``C_b = C_t - c^2 C_t (c^2 C_t + s^2 I)^-1 C_t``, ``c = 1 - r^2``, ``s^2 = r^2 (t^2 - t_next^2)``). For a Gaussian
+prior the ratio is a constant (hence the equal weights). For a network both covariances depend on the particle,
+so the log-determinants do not cancel between particles: each needs a stochastic Lanczos quadrature per particle
+and step, the second with a nested solve per product (``C_b``), several times the step's own cost, and a noisy
+log-determinant biases the weights. Not implemented. So for such priors the N particles are independent runs of
+the Markov chain ``x' ~ p~(x' | x, y)`` from Stage I with equal weights (``diagnostics["tweedie_covariance"]`` is
+``"jacobian"``; ESS = N there means "not reweighted", not "exact"): a moment-projected posterior sampler in the
+manner of TMPD (Boys et al. 2023), exact when every ``p(x0 | x_t)`` is Gaussian, and as the steps shrink the reverse
+SDE guided by ``grad log L_t`` with the derivative of ``C_t`` dropped (TMPD's approximation). The weighted
+proposals stay the image-task default. (The auxiliary-variable weight ``L_next(x') / N(y; A x0, sigma_y^2 I)``,
+with x0 kept as part of the state, drops the nested log-determinant but varies like a chi-square in the number of
+measurements even for a Gaussian prior: no use in high dimension.)
 
 Stage I (paper's initialisation) draws ``N(0, rho^2 I) exp(-mu_T)`` exactly with ``rho^2 = T^2 + sd^2``; that
 Gaussian stand-in for ``p_T`` is the only approximation besides time discretisation and the network. The
@@ -139,6 +163,7 @@ from typing import Sequence
 import torch
 
 from invdiff.operators.base import conjugate_gradient
+from invdiff.priors.base import LANCZOS_ITERATIONS
 from invdiff.problem import InverseProblem
 from invdiff.registry import register_sampler
 from invdiff.samplers._common import (NetworkCalls, SampleResult, call_prior, notify, timed, trajectory_of)
@@ -368,16 +393,18 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
                proposal: str = "euler", resample: str = "systematic", ess_threshold: float = 0.5,
                langevin_steps: int | None = None, langevin_step_size: float = 0.2, rejuvenation_steps: int = 2,
                weight_rule: str = "paper", stable_likelihood: bool | float = True, laplacian_probes: int = 0,
-               sigma_max: float | None = None, sigma_min: float | None = None,
-               generator: Generators = None, callback=None) -> SampleResult:
+               lanczos_iterations: int = LANCZOS_ITERATIONS, sigma_max: float | None = None,
+               sigma_min: float | None = None, generator: Generators = None, callback=None) -> SampleResult:
     """AFDPS weighted-particle posterior sampler (paper Eq. 3.6), Euler steps on a Karras grid T -> 0.
 
     problem: y (B, ...), linear operator on (B, *in_shape) real images; prior: denoiser ``D(x, sigma)``.
     num_particles N per problem; steps: Euler steps (Karras spacing, rho 7, from sigma_max to sigma_min, then 0;
     both default to the prior's); variant "sde" (V^2 = 2t) or "ode" (V = 0, probability flow + Langevin);
     proposal (SDE): "euler" (Eq. 3.6 stepped explicitly), "conditional" (the Euler kernel conditioned on y,
-    exact weights; stable at any sigma_y) or "tweedie" (the Tweedie-Gaussian transition conditioned on y: needs
-    ``prior.tweedie_covariance``; exact for Gaussian priors at any dimension; see the module docstring);
+    exact weights; stable at any sigma_y) or "tweedie" (the Tweedie-Gaussian transition conditioned on y, with
+    ``prior.tweedie_covariance``: exact for Gaussian priors at any dimension; for network priors the autodiff
+    covariance and no weight correction, an approximation: see the module docstring); lanczos_iterations: Lanczos
+    steps of the square root ``C_t^(1/2) xi`` for priors without a closed form (one JVP + VJP each);
     resample: "systematic", "multinomial" or "none", when ESS / N < ess_threshold; langevin_steps: corrector
     moves after every step (None: 1 for "ode", 0 for "sde"; the tweedie proposal uses neither corrector moves nor
     resampling: its weights stay equal); rejuvenation_steps: extra corrector moves right
@@ -396,15 +423,19 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
     SDE's likelihood drift (explicit Euler is unstable above 2; 0 for the ODE predictor), ``langevin_step``
     (steps,) the h used (0: no move), ``sigmas``, ``rho``, ``kappa``, ``operator_norm_sq``, and for the conditional
     proposal ``conditional_cg_residual`` (worst relative CG residual) and ``conditional_cg_iterations`` (normal-operator
-    calls of its solves, 0 for the closed forms).
+    calls of its solves, 0 for the closed forms); for the tweedie proposal also ``tweedie_covariance``
+    ("closed_form" or "jacobian"), ``jacobian_products`` (batched products ``C_t v``, Lanczos steps included; each
+    is one JVP + one VJP, on top of ``nfe``) and ``tweedie_psd_shift`` (the largest PSD-guard shift over ``t^2``).
     """
     sigma_max = float(prior.sigma_max if sigma_max is None else sigma_max)
     sigma_min = float(prior.sigma_min if sigma_min is None else sigma_min)
     _check_arguments(num_particles, steps, variant, proposal, resample, ess_threshold, langevin_steps,
                      langevin_step_size, rejuvenation_steps, weight_rule, laplacian_probes, sigma_min, sigma_max)
+    if int(lanczos_iterations) != lanczos_iterations or lanczos_iterations < 1:
+        raise ValueError(f"lanczos_iterations must be a positive integer, got {lanczos_iterations!r}")
     if proposal == "tweedie" and not callable(getattr(prior, "tweedie_covariance", None)):
         raise ValueError(f"proposal='tweedie' needs a prior with tweedie_covariance(x, sigma, v, power) "
-                         f"(Cov[x0 | x_sigma] products; the analytic Gaussian priors have one); "
+                         f"(Cov[x0 | x_sigma] products; every invdiff.priors.base.Denoiser has one); "
                          f"{type(prior).__name__} has none")
     n, steps = int(num_particles), int(steps)
     corrector_moves = (1 if variant == "ode" else 0) if langevin_steps is None else int(langevin_steps)
@@ -432,6 +463,7 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
         stiffness = torch.zeros(steps, dtype=torch.float64)
         langevin_h = torch.zeros(steps, dtype=torch.float64)
         cg_residual, cg_iterations = 0.0, 0
+        tweedie = {"covariance": None, "products": 0, "shift": 0.0}      # proposal="tweedie" bookkeeping
         ax = None                  # A x of the current particles when a step already computed it (else None)
         for i in range(steps):
             t, t_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -441,7 +473,8 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
             if proposal == "tweedie":
                 # exact draw from p(x_next | x, y) under p(x0 | x) = N(D, Cov); weights stay equal (docstring)
                 x, step_residual, step_iterations = _tweedie_step(prior, problem.operator, y, float(problem.sigma_y),
-                                                                  x, x0_hat, t, t_next, generator)
+                                                                  x, x0_hat, t, t_next, generator,
+                                                                  int(lanczos_iterations), tweedie)
                 cg_residual, cg_iterations = max(cg_residual, step_residual), cg_iterations + step_iterations
                 ess[i] = effective_sample_size(log_w).cpu()
                 if callback is not None:
@@ -515,6 +548,8 @@ def sample_smc(problem: InverseProblem, prior, *, num_particles: int = 16, steps
         "resample": resample, "ess_threshold": ess_threshold, "langevin_steps": corrector_moves,
         "rejuvenation_steps": rejuvenation_steps, "weight_rule": weight_rule,
         "proposal": proposal, "conditional_cg_residual": cg_residual, "conditional_cg_iterations": cg_iterations,
+        "tweedie_covariance": tweedie["covariance"], "jacobian_products": tweedie["products"],
+        "tweedie_psd_shift": tweedie["shift"],
         "ess": ess, "resampled": resampled, "best_particle": best, "std": std,
         "stiffness": stiffness, "langevin_step": langevin_h, "sigmas": sigmas.tolist(), "rho": rho,
         "kappa": likelihood.kappa, "operator_norm_sq": norm_sq, "stage_one_method": stage_one.method,
@@ -561,11 +596,22 @@ def _conditional_step(likelihood: "_Likelihood", x: torch.Tensor, ax: torch.Tens
             gaussian.cg_iterations)
 
 
+def _tweedie_operator(prior, x: torch.Tensor, sigma: torch.Tensor, lanczos_iterations: int):
+    """``Cov[x0 | x]`` at fixed ``(x, sigma)`` as ``(v, power) -> Cov^power v``: the prior's ``tweedie_operator`` (one
+    linearisation for the whole step, or its closed form), else its bare ``tweedie_covariance``."""
+    make = getattr(prior, "tweedie_operator", None)
+    if callable(make):
+        return make(x, sigma, lanczos_iterations=lanczos_iterations)
+    return lambda v, power: prior.tweedie_covariance(x, sigma, v, power)
+
+
 def _tweedie_step(prior, operator, y: torch.Tensor, sigma_y: float, x: torch.Tensor, x0_hat: torch.Tensor, t: float,
-                  t_next: float, generator: Generators) -> tuple[torch.Tensor, float, int]:
+                  t_next: float, generator: Generators, lanczos_iterations: int = LANCZOS_ITERATIONS,
+                  record: dict | None = None) -> tuple[torch.Tensor, float, int]:
     """One step of ``proposal="tweedie"``: ``(x_next, worst relative CG residual, normal-operator calls)``.
 
-    With ``p(x0 | x) = N(D, C)``, ``C = prior.tweedie_covariance`` (exact for a Gaussian prior):
+    With ``p(x0 | x) = N(D, C)``, ``C = prior.tweedie_covariance`` (exact for a Gaussian prior; for a network the
+    symmetrised Jacobian with a Lanczos square root, :class:`invdiff.priors.base.JacobianCovariance`):
 
     1. ``x0 ~ p(x0 | x, y)`` by pathwise conditioning (Matheron's rule), ``z = D + C^(1/2) xi``,
        ``x0 = z + C A^T (A C A^T + sigma_y^2 I)^-1 (y - A z - sigma_y e)`` (CG in measurement space);
@@ -573,11 +619,12 @@ def _tweedie_step(prior, operator, y: torch.Tensor, sigma_y: float, x: torch.Ten
        ``x_next = x0 + r^2 (x - x0) + sqrt(r^2 (t^2 - t_next^2)) xi'``, ``r = t_next / t`` (x0 itself at t_next = 0).
     """
     n, b = x.shape[:2]
+    x0_hat = x0_hat.detach()            # a prior whose parameters require grad must not grow a graph through CG
     sigma = torch.full((n * b,), t, dtype=x.dtype, device=x.device)
+    covariance_at = _tweedie_operator(prior, x.reshape(n * b, *x.shape[2:]), sigma, lanczos_iterations)
 
     def covariance(v: torch.Tensor, power: float) -> torch.Tensor:
-        flat = v.reshape(n * b, *v.shape[2:])
-        return prior.tweedie_covariance(x.reshape(flat.shape), sigma, flat, power).reshape(v.shape)
+        return covariance_at(v.reshape(n * b, *v.shape[2:]), power).reshape(v.shape)
 
     def adjoint(u: torch.Tensor) -> torch.Tensor:
         return map_particles(operator.A_adjoint, u)
@@ -596,6 +643,12 @@ def _tweedie_step(prior, operator, y: torch.Tensor, sigma_y: float, x: torch.Ten
     flat_u, relative = conjugate_gradient(normal, residual.reshape(n * b, *residual.shape[2:]), max_iter=1000,
                                           tol=TWEEDIE_CG_TOL[x.dtype], return_residual=True)
     x0 = z + covariance(adjoint(flat_u.reshape(residual.shape)), 1.0)
+    if record is not None:
+        products = getattr(covariance_at, "products", None)
+        record["covariance"] = "closed_form" if products is None else "jacobian"
+        record["products"] += products or 0
+        if products is not None:
+            record["shift"] = max(record["shift"], float(covariance_at.shift.max()) / (t * t))
     r2 = (t_next / t) ** 2
     if t_next == 0.0:
         return x0, float(relative.max()), calls
