@@ -65,6 +65,11 @@ TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
         "dds": {"lam": Tuned(0.005, "DiffusionMBIR's MRI value taken over (DDS gives none for 3-D MRI); not swept"),
                 "rho": Tuned(0.01, "DiffusionMBIR's MRI value taken over (DDS gives none for 3-D MRI); not swept")},
         "ads": _ADS_MRI,
+        # maps: 1 = the task's one ESPIRiT set; 2 = soft-SENSE with two sets; auto = two sets only where the second
+        # set's eigenvalue passes the crop on > 1 % of the support (objects filling the phase-encoding FOV)
+        "cg-sense": {"maps": Tuned("auto", "camera filling the FOV, 2x: 23.4 -> 32.7 dB (zero-filled 27.0); brain "
+                                           "sample and margined objects unchanged; "
+                                           "benchmarks/results/soft_sense-2026-12-05-cpu.md")},
     },
     "ct": {
         "dps": {"zeta": Tuned(0.03, f"swept 0.003 / 0.01 / 0.03 / 0.1 on CT tuning phantom 1; {_SWEEP}")},
