@@ -57,9 +57,6 @@ STATE_DIR = ".batch"
 INPUT_SUFFIXES = (".h5", ".hdf5")
 # A collective waits for the slowest rank's whole share; a dead rank is torchrun's to notice, not a timeout's.
 COLLECTIVE_TIMEOUT = timedelta(hours=12)
-# Attrs of reconstruct_scan that are per-slice lists (concatenated over a volume's slices when every slice has a
-# list; active solvers make sampled_columns and acquisition_order per slice); every other attr must agree.
-PER_SLICE_LISTS = ("scales", "sigma_kspace_estimates", "pixel_spacing_mm", "sampled_columns", "acquisition_order")
 # The temporary names of invdiff.io.atomic_path: .{stem}.{8 hex}.tmp{suffix}; a killed writer leaves one behind.
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
 
@@ -470,80 +467,67 @@ def _plan_on_main(args, settings, settings_sha256, volumes, state: State, lock_h
 
 
 # ---- the work ---------------------------------------------------------------------------------------------
-def reconstruct_slice(volume: Volume, index: int, args, *, prior, overrides: dict, device: str):
-    """One item of the work list: :func:`invdiff.reconstruct.reconstruct_scan` on slice ``index`` of ``volume``."""
-    from invdiff.reconstruct import ReconstructionRequest, reconstruct_scan
+def volume_run(volume: Volume, args, *, prior, overrides: dict, device: str):
+    """The :class:`invdiff.reconstruct.ScanRun` of a whole volume, as ``invdiff reconstruct`` would prepare it."""
+    from invdiff.reconstruct import ReconstructionRequest, prepare_run
 
     request = ReconstructionRequest(
         scan=volume.path, solver=args.solver, out=volume.name, acceleration=args.accel,
-        center_fraction=args.center_fraction, mask_kind=args.mask, slices=str(index), device=device, seed=args.seed,
+        center_fraction=args.center_fraction, mask_kind=args.mask, slices=None, device=device, seed=args.seed,
         prior=prior, overrides=overrides, steps=args.steps, progress=False)
-    return reconstruct_scan(request)
+    return prepare_run(request)
 
 
-def save_slice(path: Path, report) -> None:
+def reconstruct_slice(run, index: int):
+    """One item of the work list: slice ``index`` of ``run``'s volume (a :class:`invdiff.reconstruct.SliceResult`)."""
+    from invdiff.reconstruct import reconstruct_slices
+
+    return next(iter(reconstruct_slices(run, [index])))
+
+
+# The fields of a SliceResult that are arrays; the rest go into one JSON string of the slice file.
+_SLICE_ARRAYS = ("image", "zero_filled", "target", "mask")
+
+
+def save_slice(path: Path, result) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"reconstruction": report.reconstruction[0], "zero_filled": report.zero_filled[0],
-              "attrs": np.array(json.dumps(jsonable(report.attrs), sort_keys=True)),
-              "seconds": np.array(report.seconds)}
-    if report.target is not None:
-        arrays["target"] = report.target[0]
-    if getattr(report, "mask", None) is not None:          # the columns an active solver measured: (W,)
-        arrays["mask"] = np.asarray(report.mask, dtype=bool).reshape(-1)
+    fields = dataclasses.asdict(result)
+    arrays = {key: np.asarray(fields.pop(key)) for key in _SLICE_ARRAYS if fields[key] is not None}
+    for key in _SLICE_ARRAYS:
+        fields.pop(key, None)
+    arrays["fields"] = np.array(json.dumps(jsonable(fields), sort_keys=True))
     with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
 
 
-def merge_slice_attrs(per_slice: list[dict]) -> dict:
-    """The attrs ``reconstruct_scan`` gives a whole volume, from those it gave each slice (in slice order)."""
-    first = per_slice[0]
-    attrs = {k: v for k, v in first.items() if not k.startswith("metric_") and k not in ("metrics_protocol",)}
-    lists = {key for key in PER_SLICE_LISTS if all(isinstance(a.get(key), (list, type(None))) for a in per_slice)}
-    for key in attrs:
-        if key in lists or key in ("slices", "nfe", "device"):
-            continue
-        for index, other in enumerate(per_slice[1:], start=1):
-            if other.get(key) != first.get(key):
-                raise RuntimeError(f"slice {index}: attr {key!r} is {other.get(key)!r}, slice 0 has {first.get(key)!r}")
-    attrs["slices"] = f"0:{len(per_slice)}"
-    attrs["nfe"] = int(sum(int(a.get("nfe", 0)) for a in per_slice))
-    attrs["device"] = ",".join(sorted({str(a.get("device")) for a in per_slice}))
-    for key in lists:
-        if any(key in a for a in per_slice):
-            attrs[key] = [v for a in per_slice for v in (a.get(key) or [])] or None
-    return attrs
+def load_slice(path: Path):
+    from invdiff.reconstruct import SliceResult
+
+    with np.load(path) as data:
+        if "fields" not in data.files:
+            raise InputError(f"{path}: a finished slice written by another invdiff version; remove {path.parent} "
+                             f"(or the whole .batch folder) to recompute it")
+        fields = json.loads(str(data["fields"]))
+        arrays = {key: data[key] for key in _SLICE_ARRAYS if key in data.files}
+    return SliceResult(**fields, **{key: arrays.get(key) for key in _SLICE_ARRAYS})
 
 
-def assemble(volume: Volume, state: State, out: Path) -> dict:
-    """Stack ``volume``'s slices, score them, write its output atomically, then its record; returns the record."""
-    from invdiff import metrics
+def assemble(volume: Volume, run, state: State, out: Path) -> dict:
+    """Stack ``volume``'s slices through :func:`invdiff.reconstruct.assemble_report` (the same arrays and attrs as
+    ``invdiff reconstruct``), write its output atomically, then its record; returns the record."""
     from invdiff.datasets.submission import write_reconstruction
+    from invdiff.reconstruct import assemble_report
 
-    parts = []
-    for index in range(volume.num_slices):
-        with np.load(state.slice_path(volume, index)) as data:
-            parts.append({key: data[key] for key in data.files})
-    reconstruction = np.stack([p["reconstruction"] for p in parts]).astype(np.float32)
-    zero_filled = np.stack([p["zero_filled"] for p in parts]).astype(np.float32)
-    has_target = all("target" in p for p in parts)
-    attrs = merge_slice_attrs([json.loads(str(p["attrs"])) for p in parts])
-    scores = zero_scores = None
-    if has_target:
-        target = np.stack([p["target"] for p in parts]).astype(np.float32)
-        scores, zero_scores = metrics.evaluate(target, reconstruction), metrics.evaluate(target, zero_filled)
-        attrs.update({f"metric_{k}": v for k, v in scores.items() if k != "protocol"})
-        attrs["metrics_protocol"] = metrics.PROTOCOL
-    attrs.update({"input_sha256": volume.input_sha256, "batch_key": volume.key})
-    mask = None                                             # reconstruct_scan's rule: (W,) if shared, else per slice
-    if all("mask" in p for p in parts):
-        masks = [p["mask"] for p in parts]
-        mask = masks[0] if all(np.array_equal(m, masks[0]) for m in masks) else np.stack(masks)
+    results = [load_slice(state.slice_path(volume, index)) for index in range(volume.num_slices)]
+    seconds = float(sum(r.seconds for r in results))
+    report = assemble_report(run, results, seconds)
+    attrs = {**report.attrs, "input_sha256": volume.input_sha256, "batch_key": volume.key}
     path = out / volume.name
-    write_reconstruction(path, reconstruction, attrs=attrs, mask=mask)
+    write_reconstruction(path, report.reconstruction, attrs=attrs, mask=report.mask)
     strip = lambda s: None if s is None else {k: float(v) for k, v in s.items() if k != "protocol"}  # noqa: E731
     record = {"name": volume.name, "key": volume.key, "input_sha256": volume.input_sha256,
-              "output_sha256": sha256_file(path), "slices": volume.num_slices, "metrics": strip(scores),
-              "zero_filled_metrics": strip(zero_scores), "seconds": float(sum(float(p["seconds"]) for p in parts))}
+              "output_sha256": sha256_file(path), "slices": volume.num_slices, "metrics": strip(report.metrics),
+              "zero_filled_metrics": strip(report.zero_filled_metrics), "seconds": seconds}
     atomic_write_json(state.record_path(volume), record)
     shutil.rmtree(state.partial / volume.state_name, ignore_errors=True)
     return record
@@ -619,14 +603,20 @@ def run_batch(args) -> int:
         start = time.perf_counter()
         progress = Progress(plan, state, ranks.is_main and not args.no_progress, f"batch {solver}")
         mine = ranks.share(plan.work)
+        runs: dict = {}
+
+        def run_of(volume: Volume):                 # prepared once per volume this rank touches
+            if volume.name not in runs:
+                runs[volume.name] = volume_run(volume, args, prior=prior, overrides=overrides, device=str(device))
+            return runs[volume.name]
+
         for position, (name, index) in enumerate(mine):
             volume = plan.volume(name)
-            report = reconstruct_slice(volume, index, args, prior=prior, overrides=overrides, device=str(device))
-            save_slice(state.slice_path(volume, index), report)
+            save_slice(state.slice_path(volume, index), reconstruct_slice(run_of(volume), index))
             progress.update()
             last_of_volume = position + 1 == len(mine) or mine[position + 1][0] != name
             if last_of_volume and len(state.slices_present(volume)) == volume.num_slices and state.claim(volume):
-                assemble(volume, state, out)
+                assemble(volume, run_of(volume), state, out)
         ranks.barrier()
         # Volumes whose slices were all done before this start, or finished by two ranks at the same moment.
         for position, name in enumerate(plan.pending):
@@ -635,7 +625,7 @@ def run_batch(args) -> int:
                 missing = set(range(volume.num_slices)) - state.slices_present(volume)
                 if missing:
                     raise RuntimeError(f"{volume.name}: slices {sorted(missing)} were not computed by any rank")
-                assemble(volume, state, out)
+                assemble(volume, run_of(volume), state, out)
         ranks.barrier()
         progress.close()
         if ranks.is_main:
@@ -707,4 +697,4 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> Path:
 
 
 __all__ = ["run_batch", "Ranks", "Plan", "Volume", "State", "init_ranks", "plan_job", "assemble",
-           "merge_slice_attrs", "read_manifest", "summary_table", "MANIFEST_NAME", "MANIFEST_FORMAT"]
+           "read_manifest", "summary_table", "MANIFEST_NAME", "MANIFEST_FORMAT"]

@@ -154,24 +154,53 @@ def reconstruct_volume(request: ReconstructionRequest) -> ReconstructionReport:
     return report
 
 
-def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
-    """Run ``request.solver`` on the chosen slices of ``request.scan``; nothing is written."""
-    if request.volume:
-        return reconstruct_volume(request)
-    if request.nifti:
-        raise InputError("--nifti writes a volume: it needs --3d")
+@dataclass
+class SliceResult:
+    """One slice of a reconstruction before assembly: what :func:`assemble_report` needs of it (and what
+    ``invdiff batch`` keeps on disk per finished slice)."""
+
+    index: int
+    image: np.ndarray                       # (H, W) float32, the output mapping applied
+    zero_filled: np.ndarray
+    target: np.ndarray | None
+    scale: float
+    sigma_kspace: float
+    spacing_mm: float | None                # mm per pixel of the slice's image (None: unknown)
+    nfe: int
+    seconds: float
+    device: str
+    mask: np.ndarray | None = None          # (W,) bool: the columns an active solver measured
+    order: list[int] | None = None          # ... in the order it measured them
+    verdict: dict | None = None             # --safeguard: the held-out check's record
+
+
+@dataclass
+class ScanRun:
+    """What every slice of one reconstruction shares: the solver, its effective settings, the prior, the mask."""
+
+    request: ReconstructionRequest
+    solver: str
+    values: dict
+    device: Any
+    prior: Any
+    mask: np.ndarray
+    mask_info: dict
+    slices: range
+    active: bool
+
+
+def prepare_run(request: ReconstructionRequest) -> ScanRun:
+    """Check ``request`` against its scan and resolve what the slices share; :class:`InputError` before any work."""
     from invdiff.datasets.fastmri import read_scan
 
-    start = time.perf_counter()
+    if request.nifti:
+        raise InputError("--nifti writes a volume: it needs --3d")
     solver = check_solver_names([request.solver], flag="--solver")[0]
     values = settings.effective(solver, "mri", request.overrides, steps=request.steps)
-    device = resolve_device(request.device)
-    prior = prior_for_solver(solver, request.prior, device) if needs_prior(solver) else None
-    outputs, zero_filled, targets, scales, sigmas, spacings, masks, orders = [], [], [], [], [], [], [], []
-    verdicts = []
     if request.safeguard and not needs_prior(solver):
         raise InputError(f"--safeguard checks a prior against the data; {solver} uses no prior")
-    nfe = 0
+    device = resolve_device(request.device)
+    prior = prior_for_solver(solver, request.prior, device) if needs_prior(solver) else None
     active = "budget" in values            # an active solver chooses its own lines, starting from the calibration block
     with read_scan(request.scan) as scan:
         chosen = scan_tasks.parse_slices(request.slices, scan.num_slices)
@@ -186,62 +215,96 @@ def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
             mask = scan_tasks.calibration_block(mask)
             mask_info = {**mask_info, "mask_source": f"{solver}: starts from the calibration block, chooses the rest",
                          "sampled_columns": int(mask.sum())}
-        for count, image in enumerate(scan_tasks.scan_images(scan, chosen, mask, device=device), start=1):
+    return ScanRun(request, solver, values, device, prior, mask, mask_info, chosen, active)
+
+
+def reconstruct_slices(run: ScanRun, indices=None):
+    """Yield a :class:`SliceResult` per slice of ``indices`` (default: the request's slices), one at a time."""
+    from invdiff.datasets.fastmri import read_scan
+
+    request, solver, prior = run.request, run.solver, run.prior
+    indices = list(run.slices if indices is None else indices)
+    start = time.perf_counter()
+    with read_scan(request.scan) as scan:
+        for count, image in enumerate(scan_tasks.scan_images(scan, indices, run.mask, device=run.device), start=1):
+            began = time.perf_counter()
             callback = None
             if request.progress and prior is not None:
                 from invdiff.callbacks import ProgressBar
-                callback = ProgressBar(description=f"{solver} slice {image.index} ({count}/{len(chosen)})")
+                callback = ProgressBar(description=f"{solver} slice {image.index} ({count}/{len(indices)})")
+            verdict = None
             if request.safeguard:
                 from invdiff.tasks.safeguard import safeguarded_solve
-                solution, verdict = safeguarded_solve(image, solver, prior, values, seed=request.seed,
+                solution, checked = safeguarded_solve(image, solver, prior, run.values, seed=request.seed,
                                                       callback=callback)
-                verdicts.append({"slice": image.index, **verdict.as_record()})
+                verdict = {"slice": image.index, **checked.as_record()}
             else:
-                solution = solve(image, solver, prior, values, seed=request.seed, callback=callback)
-            nfe += int(solution.result.diagnostics.get("nfe", 0))
-            if "mask" in solution.result.diagnostics:                  # the lines an active solver measured
-                masks.append(np.asarray(solution.result.diagnostics["mask"]).astype(bool))
-                orders.append([int(i) for i in solution.result.diagnostics.get("acquisition_order", [])])
-            outputs.append(solution.image)
-            zero_filled.append(solve(image, "zero-filled", None, {}, seed=request.seed).image)
-            targets.append(image.target)
-            scales.append(image.info["scale"])
-            sigmas.append(image.info["sigma_kspace"])
-            spacings.append(image.spacing_mm)
+                solution = solve(image, solver, prior, run.values, seed=request.seed, callback=callback)
+            diagnostics = solution.result.diagnostics
+            measured = order = None
+            if "mask" in diagnostics:                                    # the lines an active solver measured
+                measured = np.asarray(diagnostics["mask"]).astype(bool)
+                order = [int(i) for i in diagnostics.get("acquisition_order", [])]
+            zero_filled = solve(image, "zero-filled", None, {}, seed=request.seed).image
+            yield SliceResult(index=image.index, image=solution.image, zero_filled=zero_filled, target=image.target,
+                              scale=image.info["scale"], sigma_kspace=image.info["sigma_kspace"],
+                              spacing_mm=image.spacing_mm, nfe=int(diagnostics.get("nfe", 0)),
+                              seconds=time.perf_counter() - began, device=str(run.device), mask=measured,
+                              order=order, verdict=verdict)
             log.info("%s: slice %d done (%d of %d, %.1f s so far)", Path(request.scan).name, image.index, count,
-                     len(chosen), time.perf_counter() - start)
-    reconstruction = np.stack(outputs).astype(np.float32)
-    zero_filled_volume = np.stack(zero_filled).astype(np.float32)
-    target_volume = None if any(t is None for t in targets) else np.stack(targets).astype(np.float32)
+                     len(indices), time.perf_counter() - start)
+
+
+def assemble_report(run: ScanRun, results: list[SliceResult], seconds: float) -> ReconstructionReport:
+    """The volume of ``results`` (in slice order), its metrics and the attrs every output records."""
+    request = run.request
+    reconstruction = np.stack([r.image for r in results]).astype(np.float32)
+    zero_filled = np.stack([r.zero_filled for r in results]).astype(np.float32)
+    targets = [r.target for r in results]
+    target = None if any(t is None for t in targets) else np.stack(targets).astype(np.float32)
     scores = zf_scores = None
-    if target_volume is not None:
-        scores = metrics.evaluate(target_volume, reconstruction)
-        zf_scores = metrics.evaluate(target_volume, zero_filled_volume)
+    if target is not None:
+        scores, zf_scores = metrics.evaluate(target, reconstruction), metrics.evaluate(target, zero_filled)
+    spacings = [r.spacing_mm for r in results if r.spacing_mm is not None]
     attrs = {
-        "solver": solver, "hyperparameters": values, "tuned_from": settings.provenance("mri", solver),
+        "solver": run.solver, "hyperparameters": run.values, "tuned_from": settings.provenance("mri", run.solver),
         "seed": request.seed, "seed_rule": "generator per slice: seed * 1000003 + slice index",
-        "slices": f"{chosen.start}:{chosen.stop}", "device": str(device), "nfe": nfe,
-        "normalisation": scan_tasks.NORMALISATION_NOTE, "scales": scales, "sigma_kspace_estimates": sigmas,
-        "noise_estimate": scan_tasks.NOISE_NOTE, "pixel_spacing_mm": [s for s in spacings if s is not None] or None,
-        "invdiff_version": invdiff.__version__, **mask_info,
+        "slices": f"{run.slices.start}:{run.slices.stop}",
+        "device": ",".join(sorted({r.device for r in results})), "nfe": sum(r.nfe for r in results),
+        "normalisation": scan_tasks.NORMALISATION_NOTE, "scales": [r.scale for r in results],
+        "sigma_kspace_estimates": [r.sigma_kspace for r in results],
+        "noise_estimate": scan_tasks.NOISE_NOTE, "pixel_spacing_mm": spacings or None,
+        "invdiff_version": invdiff.__version__, **run.mask_info,
     }
-    if prior is not None:
-        record = prior_record(prior)
+    if run.prior is not None:
+        record = prior_record(run.prior)
         attrs["prior"], attrs["prior_sha256"] = record["name"], record["sha256"]
         attrs["prior_steps_trained"] = record["steps_trained"]
+    verdicts = [r.verdict for r in results if r.verdict is not None]
     if verdicts:
         attrs["safeguard"] = verdicts          # per slice: held-out prediction errors and which solver's image was kept
+    masks = [r.mask for r in results if r.mask is not None]
     if masks:
-        attrs["acquisition_order"] = orders                           # per slice, the columns in the order measured
+        attrs["acquisition_order"] = [r.order for r in results]        # per slice, the columns in the order measured
         attrs["sampled_columns"] = [int(m.sum()) for m in masks]
     if scores is not None:
         attrs.update({f"metric_{k}": v for k, v in scores.items() if k != "protocol"})
         attrs["metrics_protocol"] = metrics.PROTOCOL
-    report = ReconstructionReport(Path(request.out), reconstruction, zero_filled_volume, target_volume, scores,
-                                  zf_scores, time.perf_counter() - start, attrs)
+    report = ReconstructionReport(Path(request.out), reconstruction, zero_filled, target, scores, zf_scores,
+                                  seconds, attrs)
     if masks:
         report.mask = masks[0] if all(np.array_equal(m, masks[0]) for m in masks) else np.stack(masks)
     return report
+
+
+def reconstruct_scan(request: ReconstructionRequest) -> ReconstructionReport:
+    """Run ``request.solver`` on the chosen slices of ``request.scan``; nothing is written."""
+    if request.volume:
+        return reconstruct_volume(request)
+    start = time.perf_counter()
+    run = prepare_run(request)
+    results = list(reconstruct_slices(run))
+    return assemble_report(run, results, time.perf_counter() - start)
 
 
 def reconstruct_scan_to_file(request: ReconstructionRequest, *, overwrite: bool = False) -> ReconstructionReport:
