@@ -1,8 +1,9 @@
 """``invdiff batch``: reconstruct every fastMRI file of a folder, plainly or under ``torchrun``, resumably.
 
-The job is a list of (file, slice) items; each item goes through :func:`invdiff.reconstruct.reconstruct_scan` on
-that one slice (the task layer, the settings table and the seed rule ``seed * 1000003 + slice``), so a volume made
-here is bit for bit the volume ``invdiff reconstruct`` makes, whatever the number of ranks. Launched by
+The job is a list of (file, slice) items; each item goes through :func:`invdiff.reconstruct.reconstruct_slices` on
+that one slice (the task layer, the settings table and the seed rule ``seed * 1000003 + slice``) and a volume is
+put together by :func:`invdiff.reconstruct.assemble_report`, so a volume made here is bit for bit the volume
+``invdiff reconstruct`` makes, attrs included, whatever the number of ranks. Launched by
 ``torchrun --nproc_per_node=N`` (torch.distributed: NCCL on GPUs, gloo on CPU, multi-node through torchrun's own
 rendezvous), rank ``r`` takes the ``r``-th contiguous share of the items; launched plainly it takes them all.
 
