@@ -67,8 +67,8 @@ TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
         "ads": _ADS_MRI,
         # maps: 1 = the task's one ESPIRiT set; 2 = soft-SENSE with two sets; auto = two sets only where the second
         # set's eigenvalue passes the crop on > 1 % of the support (objects filling the phase-encoding FOV)
-        "cg-sense": {"maps": Tuned("auto", "camera filling the FOV, 2x: 23.4 -> 32.7 dB (zero-filled 27.0); brain "
-                                           "sample and margined objects unchanged; "
+        "cg-sense": {"maps": Tuned("auto", "8-coil camera filling the FOV: 2x 23.4 -> 33.9 dB, 4x 19.7 -> 24.7 "
+                                           "(zero-filled 27.0, 20.8); brain sample and margined camera bit-identical; "
                                            "benchmarks/results/soft_sense-2026-12-05-cpu.md")},
     },
     "ct": {

@@ -8,12 +8,12 @@ Several map sets (:func:`estimate_coil_map_sets`, soft-SENSE): our own ESPIRiT (
 eigenvalue approach to autocalibrating parallel MRI: where SENSE meets GRAPPA", MRM 71:990), since sigpy returns
 only the top eigenvector. With coil images ``c(r) = (c_1(r) .. c_C(r))`` and k-space ``k = F c``:
 
-1. calibration matrix ``A``: one row per position of an ``kr x kc`` window in the calibration region, holding the
-   window's samples of every coil (length ``C kr kc``); k-space of coil images ``S_c x`` lies (nearly) in a
+1. calibration matrix ``A``: one row per position of a ``kw x kw`` window in the calibration region, holding the
+   window's samples of every coil (length ``C kw^2``); k-space of coil images ``S_c x`` lies (nearly) in a
    low-dimensional row space of ``A``. SVD ``A = U Sigma V^H``; the signal subspace ``V_par`` is the right singular
    vectors with ``sigma_k > threshold * sigma_1`` (the paper's "Theory: calibration matrix and its null space");
 2. projecting every window of ``k`` onto ``V_par`` is a convolution in k-space, i.e. a pointwise ``C x C`` matrix
-   in image space, ``W(r) = (N / (kr kc)) sum_k g_k(r) g_k(r)^H`` with ``g_k = F^{-1}`` of kernel ``k`` zero-padded
+   in image space, ``W(r) = (N / kw^2) sum_k g_k(r) g_k(r)^H`` with ``g_k = F^{-1}`` of kernel ``k`` zero-padded
    to the ``N = H W`` grid (the paper's operator ``G^H G`` of the eigenvalue problem);
 3. the consistent coil images satisfy ``W(r) c(r) = c(r)``: the sensitivities are eigenvectors of ``W(r)`` with
    eigenvalue 1. Usually one eigenvalue is ~1; where the sensitivities are not periodic over the field of view
