@@ -94,6 +94,17 @@ def test_exported_prior_serves_the_token_samplers_on_another_grid(run_folder, tm
         assert result.diagnostics["tokens"].shape == (2, 15) and result.diagnostics["nfe"] == 4
 
 
+def test_unconditional_samples_have_the_asked_shape_and_follow_the_seed(run_folder):
+    from invdiff.priors.tokens import sample_unconditional_tokens
+
+    prior = load_token_prior(run_folder)
+    draw = lambda seed: sample_unconditional_tokens(prior, 3, (16, 24), steps=4,  # noqa: E731
+                                                    generator=torch.Generator().manual_seed(seed))
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.shape == (3, prior.channels, 16, 24) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_positional_encodings_exist_for_any_grid_and_differ_between_positions():
     encoding = sinusoidal_grid(5, 7, 32)
     assert encoding.shape == (35, 32)

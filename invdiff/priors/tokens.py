@@ -320,6 +320,28 @@ def load_token_prior(path, device="cpu") -> TokenModelPrior:
     return prior
 
 
+def sample_unconditional_tokens(prior: TokenPrior, n: int, size, *, steps: int = 16,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` unconditional images (n, C, H, W) from a token prior: absorbing-state ancestral sampling (start all
+    masked; each of ``steps`` steps unmasks a random subset of the masked positions, the cosine schedule's count,
+    each drawn from the model's categorical given what is unmasked), then the decoder.
+
+    The masked-diffusion sampler of ``invdiff.samplers.anchored`` without a likelihood (``reweighting="none"``),
+    on an empty observation: one code path for the conditional and the unconditional draws.
+    """
+    from invdiff.operators.inpainting import Inpainting
+    from invdiff.problem import InverseProblem
+    from invdiff.samplers.anchored import sample_masked_diffusion
+
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    device = prior.codebook.device
+    nothing = Inpainting(torch.zeros(height, width, dtype=torch.bool, device=device), channels=prior.channels)
+    y = torch.zeros(int(n), prior.channels, height, width, device=device)
+    result = sample_masked_diffusion(InverseProblem(nothing, y, 1.0), prior, steps=steps, reweighting="none",
+                                     generator=generator)
+    return result.x
+
+
 # ---- training --------------------------------------------------------------------------------------------
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
