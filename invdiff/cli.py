@@ -162,10 +162,21 @@ def _cmd_sample_prior(args) -> int:
 
     _set_threads(args)
     device = resolve_device(args.device)
-    prior = resolve_prior(args.prior, device)
+    if args.bf16 and device.type != "cuda":
+        log.warning("--bf16 on %s: bfloat16 autocast is meant for GPUs (slower than float32 on most CPUs)", device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    samples = sample_unconditional(prior, args.n, args.size, steps=args.steps, generator=generator,
-                                   spacing_mm=args.spacing_mm)
+    from invdiff.priors.tokens import is_token_prior
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        if is_token_prior(args.prior):        # a masked token prior (APS): ancestral unmasking, then the decoder
+            from invdiff.priors.tokens import load_token_prior, sample_unconditional_tokens
+            if args.spacing_mm is not None:
+                raise InputError("--spacing-mm: token priors are not spacing-conditioned")
+            samples = sample_unconditional_tokens(load_token_prior(args.prior, device=device), args.n, args.size,
+                                                  steps=args.steps, generator=generator)
+        else:
+            prior = resolve_prior(args.prior, device)
+            samples = sample_unconditional(prior, args.n, args.size, steps=args.steps, generator=generator,
+                                           spacing_mm=args.spacing_mm)
     if args.png:
         save_sample_grid(samples, args.png)
         print(f"wrote {args.png}")
@@ -283,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-prior", help="train a diffusion prior (all options: invdiff train-prior --help)", add_help=False)
     p.set_defaults(run=None, passthrough=_cmd_train_prior)
 
-    p = add("sample-prior", help="draw unconditional samples from a prior")
-    p.add_argument("prior", help="prior name or exported prior path")
+    p = add("sample-prior", help="draw unconditional samples from a prior (a diffusion prior or a token prior)")
+    p.add_argument("prior", help="prior name or exported prior path (a token prior's .safetensors or run folder too)")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--steps", type=int, default=40, help="sampler steps")
@@ -292,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--spacing-mm", type=float, default=None,
                    help="pixel spacing told to a resolution-aware prior (default: the prior's own default)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast around the network (for GPUs)")
     _add_threads(p)
     p.add_argument("--png", default=None, help="write a grid of the samples to this PNG")
     p.set_defaults(run=_cmd_sample_prior)

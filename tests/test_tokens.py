@@ -105,6 +105,17 @@ def test_unconditional_samples_have_the_asked_shape_and_follow_the_seed(run_fold
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sample_prior_cli_draws_from_a_token_prior(run_folder, tmp_path):
+    from invdiff.cli import main
+
+    png = tmp_path / "samples.png"
+    assert main(["sample-prior", str(run_folder), "--n", "2", "--size", "16", "--steps", "3", "--device", "cpu",
+                 "--png", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert main(["sample-prior", str(run_folder), "--n", "1", "--size", "16", "--steps", "2", "--device", "cpu",
+                 "--spacing-mm", "1"]) == 2                          # not spacing-conditioned: one line, exit 2
+
+
 def test_positional_encodings_exist_for_any_grid_and_differ_between_positions():
     encoding = sinusoidal_grid(5, 7, 32)
     assert encoding.shape == (35, 32)

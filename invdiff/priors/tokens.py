@@ -300,6 +300,20 @@ def export_token_prior(run_dir, out_stem) -> Path:
     return weights
 
 
+def is_token_prior(path) -> bool:
+    """Whether ``path`` is an exported token prior (its JSON says so) or a token run folder."""
+    path = Path(path)
+    if path.is_dir():
+        return all((path / f"{stage}.safetensors").exists() for stage in STAGES)
+    record = path.with_suffix(".json")
+    if not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("format") == "invdiff-token-prior"
+    except (OSError, ValueError):
+        return False
+
+
 def load_token_prior(path, device="cpu") -> TokenModelPrior:
     """A :class:`TokenModelPrior` from an exported ``.safetensors`` (or a run folder with both checkpoints)."""
     path = Path(path)
