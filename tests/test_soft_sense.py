@@ -161,3 +161,27 @@ def test_maps_option_is_typed_checked_and_needs_sense_for_two():
         sample_cg_sense(problem, maps=2)
     with pytest.raises(InputError, match="expected 1, 2 or auto"):
         sample_cg_sense(problem, maps=3)
+
+
+# ---- the task layer's maps from few calibration lines ------------------------------------------------------
+@pytest.mark.parametrize("lines", [4, 5])
+def test_task_maps_from_few_lines_cover_the_object_where_the_square_region_did_not(lines):
+    """With 4-5 centre lines sigpy's square region has 4-9 kernel windows and its maps cover part of the object (or
+    none: the task layer then failed with "reference image is (nearly) zero"); the task layer's rectangular region
+    (24 rows x the lines) covers it."""
+    from invdiff.tasks.scan import MIN_SQUARE_CALIBRATION_LINES, slice_coil_maps
+
+    assert lines < MIN_SQUARE_CALIBRATION_LINES
+    image = np.zeros((64, 64), dtype=np.float32)
+    image[16:48, 8:56] = textured_object(32, 48)
+    mask = np.zeros(64, dtype=bool)
+    mask[32 - lines // 2:32 - lines // 2 + lines] = True
+    mask[::6] = True
+    mask[32 - lines // 2 - 1] = mask[32 - lines // 2 + lines] = False      # exactly `lines` contiguous centre lines
+    masked = np.where(mask, coil_kspace(image), 0)
+    obj = image > 0
+
+    def covered(maps):
+        return float((np.abs(maps).sum(axis=0) > 0)[obj].mean())
+    assert covered(slice_coil_maps(masked, lines)) > 0.97            # measured 0.98 (4 lines), 0.995 (5)
+    assert covered(estimate_coil_maps(masked, lines)) < 0.95         # sigpy's square region: 0.0, 0.91

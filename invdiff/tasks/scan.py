@@ -46,6 +46,13 @@ NORMALISATION_PERCENTILE = 99.5
 MIN_CALIBRATION_LINES = 4
 # ESPIRiT calibrates on at most sigpy's default 24 x 24 centre; a wider region adds cost, not accuracy.
 MAX_ESPIRIT_CALIBRATION = 24
+# sigpy's square w x w calibration region has (w - k + 1)^2 kernel windows: 9 at 5 lines (kernel 3), too few for the
+# signal subspace, and the maps then cover only part of the object (a 128-px camera at 8x: zero-filled 8.9 dB,
+# CG-SENSE 3.5) or none of it (4 lines). Below this many lines the maps come from 24 readout rows x the calibration
+# lines (every sampled column is fully sampled along the readout; estimate_coil_map_sets): 14.5 / 15.0 dB there; from 6
+# lines up the two regions agree within 0.3 dB on the camera, a margined camera and the brain sample (swept 5-13 lines,
+# benchmarks/results/soft_sense-2026-12-05-cpu.md).
+MIN_SQUARE_CALIBRATION_LINES = 6
 MASK_KINDS = ("random", "equispaced", "equispaced_fraction")
 NORMALISATION_NOTE = f"y / p{NORMALISATION_PERCENTILE} of the zero-filled magnitude"
 NOISE_NOTE = "Rayleigh median of the outer 1/16 readout rows in sampled columns"
@@ -180,6 +187,17 @@ def scan_mask(scan, *, acceleration: int = 4, center_fraction: float | None = No
     return mask.astype(bool), info
 
 
+def slice_coil_maps(masked_kspace: np.ndarray, calibration: int, cache_key=None) -> np.ndarray:
+    """ESPIRiT maps complex64 ``(coils, H, W)`` of one masked slice with ``calibration`` centre lines: sigpy's square
+    region (at most 24 x 24), or 24 rows x the lines below :data:`MIN_SQUARE_CALIBRATION_LINES`."""
+    from invdiff.operators.coil_maps import estimate_coil_map_sets, estimate_coil_maps
+
+    if calibration < MIN_SQUARE_CALIBRATION_LINES:
+        return estimate_coil_map_sets(masked_kspace, calib_width=calibration, num_maps=1,
+                                      calib_rows=MAX_ESPIRIT_CALIBRATION, cache_key=cache_key).maps[0]
+    return estimate_coil_maps(masked_kspace, calib_width=min(MAX_ESPIRIT_CALIBRATION, calibration), cache_key=cache_key)
+
+
 def calibration_block(mask: np.ndarray) -> np.ndarray:
     """Only the contiguous sampled block around the centre column of ``mask``: where an active solver starts."""
     width = calibration_width(mask)
@@ -237,7 +255,6 @@ def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str
     """Slice ``index`` of an open :class:`invdiff.datasets.fastmri.Scan` under ``mask`` as a :class:`TaskImage`."""
     from invdiff.normalisation import normalise
     from invdiff.operators.fft import complex_to_real
-    from invdiff.operators.coil_maps import estimate_coil_maps
     from invdiff.operators.mri import CartesianMRI, SenseMRI
     from invdiff.problem import InverseProblem
 
@@ -251,8 +268,7 @@ def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str
     k = torch.from_numpy(np.ascontiguousarray(kspace)).to(device)
     k = torch.where(mask_t, k, torch.zeros((), dtype=k.dtype, device=device))    # exact zeros, never -0.0
     if scan.is_multicoil:
-        maps = estimate_coil_maps(np.where(mask, kspace, 0), calib_width=min(MAX_ESPIRIT_CALIBRATION, calibration),
-                                  cache_key=(str(scan.path), index, calibration))
+        maps = slice_coil_maps(np.where(mask, kspace, 0), calibration, cache_key=(str(scan.path), index, calibration))
         operator = SenseMRI(mask=mask_t, coil_maps=torch.from_numpy(maps).to(device)[None])
         y = complex_to_real(k[None])                                         # (1, 2, C, H, W)
     else:
@@ -314,6 +330,6 @@ def scan_tasks(scan_path: str | Path, accelerations: Sequence[int], *, slices: s
     return tasks
 
 
-__all__ = ["RetrospectiveAcquisition", "calibration_block", "scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
+__all__ = ["RetrospectiveAcquisition", "calibration_block", "slice_coil_maps", "scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
            "calibration_width", "check_calibration", "pixel_spacing_mm", "default_center_fraction",
            "STANDARD_CENTER_FRACTIONS", "NORMALISATION_PERCENTILE", "MIN_CALIBRATION_LINES", "MASK_KINDS"]
