@@ -8,9 +8,10 @@ on each side (a margin in the phase direction); ``data/brain_t1_multicoil.h5`` a
 (complex Gaussian k-space noise of per-component std 0.01 x the target's maximum; the synthetic images have maximum
 1, so ``noise_level=0.01``; the brain gets that noise added to its own). Masks: fastMRI random masks seeded by file
 name, the task layer's default centre fractions (2x 0.16, 4x 0.08, 8x 0.04). Every row goes through the task layer
-(``invdiff.tasks.scan_tasks`` / ``solve``) and is scored with the fastMRI protocol.
+(``invdiff.tasks.scan_tasks`` / ``solve``) and is scored with the fastMRI protocol. *Before* rows rebuild the task
+layer as it was (sigpy's square calibration region at any number of lines) and run one-map CG-SENSE on it.
 
-    python -m benchmarks.soft_sense                     # 3 scans x 2 noise levels x 2/4/8x; ~2 min on one thread (1 min 49 s)
+    python -m benchmarks.soft_sense                     # 3 scans x 2 noise levels x 2/4/8x; ~3 min on one thread
     python -m benchmarks.soft_sense --quick --out /tmp/ss
 
 Writes ``benchmarks/results/soft_sense-<date>-cpu.{json,md}`` (after every case, atomically).
@@ -18,6 +19,7 @@ Writes ``benchmarks/results/soft_sense-<date>-cpu.{json,md}`` (after every case,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import shutil
@@ -35,15 +37,29 @@ import torch  # noqa: E402
 
 from invdiff import metrics, settings  # noqa: E402
 from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from invdiff.tasks import scan as scan_module  # noqa: E402
 from invdiff.tasks import scan_tasks, solve  # noqa: E402
+from invdiff.tasks.scan import calibration_width  # noqa: E402
 
 log = logging.getLogger("benchmarks.soft_sense")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 BRAIN = ROOT / "data" / "brain_t1_multicoil.h5"
 MARGIN = 16
+BEFORE = (("before: zero-filled", "zero-filled", {}), ("before: cg-sense", "cg-sense", {"maps": 1}))
 ROWS = (("zero-filled", "zero-filled", {}), ("cg-sense maps=1", "cg-sense", {"maps": 1}),
         ("cg-sense maps=2", "cg-sense", {"maps": 2}), ("cg-sense maps=auto", "cg-sense", {"maps": "auto"}))
+
+
+@contextlib.contextmanager
+def square_calibration_only():
+    """The task layer as it was before soft-SENSE: sigpy's square calibration region at any number of lines."""
+    saved = scan_module.MIN_SQUARE_CALIBRATION_LINES
+    scan_module.MIN_SQUARE_CALIBRATION_LINES = 0
+    try:
+        yield
+    finally:
+        scan_module.MIN_SQUARE_CALIBRATION_LINES = saved
 
 
 def write_scans(workdir: Path, size: int, noise: float, seed: int) -> dict[str, Path]:
@@ -72,47 +88,48 @@ def write_scans(workdir: Path, size: int, noise: float, seed: int) -> dict[str, 
 
 
 def run_case(scan: Path, acceleration: int, seed: int) -> list[dict]:
+    with square_calibration_only():
+        before = scan_tasks(scan, [acceleration])[0].images[0]
     image = scan_tasks(scan, [acceleration])[0].images[0]
     rows = []
-    for label, solver, overrides in ROWS:
+    for label, solver, overrides, task_image in [*((*row, before) for row in BEFORE), *((*row, image) for row in ROWS)]:
         values = settings.effective(solver, "mri", overrides)
         start = time.perf_counter()
-        solution = solve(image, solver, None, values, seed=seed)
+        solution = solve(task_image, solver, None, values, seed=seed)
         seconds = time.perf_counter() - start
-        scores = metrics.evaluate(image.target[None], solution.image[None])
+        scores = metrics.evaluate(task_image.target[None], solution.image[None])
         diagnostics = solution.result.diagnostics
         rows.append({"solver": label, "psnr": float(scores["psnr"]), "ssim": float(scores["ssim"]), "seconds": seconds,
                      "maps_used": diagnostics.get("maps"),
                      "second_map_fraction": diagnostics.get("second_map_fraction")})
         log.info("%s %dx %s: %.2f dB", scan.name, acceleration, label, scores["psnr"])
-    return rows
+    return rows, calibration_width(image.problem.operator.mask.cpu().numpy())
 
 
 def markdown(report: dict) -> str:
     lines = [f"# CG-SENSE: one ESPIRiT map set vs soft-SENSE with two ({report['date']}, CPU, 1 thread)", "",
              f"Command: `{report['command']}`. {report['note']}", "",
-             "PSNR dB / SSIM (fastMRI protocol). `maps=1` is CG-SENSE before this change; `maps=auto` is the new "
-             "default (two sets when the second set's eigenvalue exceeds the crop on > "
-             f"{report['auto_threshold']:.0%} of the support; `frac2` is that fraction).", "",
-             "| scan | noise | accel | zero-filled | CG-SENSE maps=1 | maps=2 | maps=auto (used) | frac2 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    notes = ["", "Still weak: at 8x the 128-px scans have 5 calibration lines, and the task layer's one-map ESPIRiT "
-             "(sigpy, a square 5 x 5 calibration region, 9 kernel windows) keeps only part of the object in its "
-             "support, so zero-filled and every SENSE solver lose it (the 8x camera rows); the second set cannot "
-             "help there (its eigenvalue never passes the crop). Probe, not in the table: the same one-map ESPIRiT "
-             "from a 24-row x 5-column region (`estimate_coil_map_sets(..., num_maps=1)`) in the task layer gave "
-             "zero-filled 14.4 dB and CG-SENSE 15.2 dB on the noiseless camera at 8x (vs 8.9 / 3.5), brain 8x "
-             "22.66 vs 22.56, margined camera 8x 16.79 vs 16.82."]
+             "PSNR dB / SSIM (fastMRI protocol). *Before*: the task layer's maps from sigpy's square calibration "
+             "region at any number of lines, CG-SENSE with those maps (the code before this change). *After*: the "
+             "task layer's maps from 24 rows x the lines below "
+             f"{report['min_square_calibration_lines']} calibration lines (8x here has 5), CG-SENSE with one set "
+             "(`maps=1`), two (`maps=2`) and `maps=auto` (the MRI setting: two sets when the second set, cropped at "
+             f"eigenvalue 0.8, covers > {report['auto_threshold']:.0%} of the first set's support; `frac2` is that "
+             "fraction; the number of sets used in brackets).", "",
+             "| scan | noise | accel | lines | before: zero-filled | before: CG-SENSE | zero-filled | CG-SENSE maps=1 | "
+             "maps=2 | maps=auto (used) | frac2 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in report["cases"]:
         by = {row["solver"]: row for row in case["rows"]}
         auto = by["cg-sense maps=auto"]
 
         def cell(row):
             return f"{row['psnr']:.2f} / {row['ssim']:.3f}"
-        lines.append(f"| {case['scan']} | {case['noise']:g} | {case['acceleration']}x | {cell(by['zero-filled'])} | "
+        lines.append(f"| {case['scan']} | {case['noise']:g} | {case['acceleration']}x | {case['calibration_lines']} | "
+                     f"{cell(by['before: zero-filled'])} | {cell(by['before: cg-sense'])} | {cell(by['zero-filled'])} | "
                      f"{cell(by['cg-sense maps=1'])} | {cell(by['cg-sense maps=2'])} | {cell(auto)} "
                      f"({auto['maps_used']}) | {by['cg-sense maps=2']['second_map_fraction']:.3f} |")
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
@@ -134,6 +151,7 @@ def main(argv=None) -> dict:
     date = datetime.date.today().isoformat()
     report = {"date": date, "command": "python -m benchmarks.soft_sense " + " ".join(argv or sys.argv[1:]),
               "size": size, "margin": MARGIN, "auto_threshold": SOFT_SENSE_MIN_FRACTION,
+              "min_square_calibration_lines": scan_module.MIN_SQUARE_CALIBRATION_LINES,
               "note": (f"Synthetic: scikit-image camera at {size} px, 8 coils, written by write_fake_fastmri "
                        f"(margin: {MARGIN} zero columns each side); real: data/brain_t1_multicoil.h5 (8 coils, "
                        "384 x 192). Noise: complex Gaussian, per-component std = level x target max (the brain's "
@@ -145,8 +163,9 @@ def main(argv=None) -> dict:
         for noise in noises:
             for name, scan in write_scans(Path(workdir), size, noise, args.seed).items():
                 for acceleration in accelerations:
-                    rows = run_case(scan, acceleration, args.seed)
-                    report["cases"].append({"scan": name, "noise": noise, "acceleration": acceleration, "rows": rows})
+                    rows, lines = run_case(scan, acceleration, args.seed)
+                    report["cases"].append({"scan": name, "noise": noise, "acceleration": acceleration,
+                                            "calibration_lines": lines, "rows": rows})
                     atomic_write_json(args.out / f"{stem}.json", report)
                     with atomic_open(args.out / f"{stem}.md", "w") as handle:
                         handle.write(markdown(report))

@@ -75,9 +75,9 @@ def sample_pinv(problem: InverseProblem, prior=None, *, generator=None, callback
     return _done(problem.operator.A_dagger(problem.y), start)
 
 
-# Soft-SENSE in "auto" mode: two map sets when the second ESPIRiT eigenvalue exceeds the crop on more than this
-# fraction of the first set's support (benchmarks/results/soft_sense-2026-12-05-cpu.md: 0 on the shipped brain
-# scans and on objects with a margin, several percent on objects that fill the phase-encoding field of view).
+# Soft-SENSE in "auto" mode: two map sets when the second set (after its crop) covers more than this fraction of the
+# first set's support (benchmarks/results/soft_sense-2026-12-05-cpu.md: 0 on the brain sample and on a margined
+# camera, several percent on the camera filling the phase-encoding field of view).
 SOFT_SENSE_MIN_FRACTION = 0.01
 # Eigenvalue crops of the two sets: set 1 as the task layer's one-map ESPIRiT (so the image support is the same);
 # set 2 at 0.8, where the one-set model already fails (probed on the camera at 2x / 4x, a margined camera, a
@@ -89,7 +89,8 @@ def _soft_sense_operator(problem: InverseProblem, maps: int | str):
     """``(SoftSenseMRI or None, record)``: the two-set operator CG-SENSE solves with, or None for the problem's own.
 
     ``maps``: 1 (the problem's operator), 2 (two ESPIRiT sets from the calibration lines of ``y``, Uecker et al.
-    2014 soft-SENSE), or "auto" (two sets where the second set has real energy, see SOFT_SENSE_MIN_FRACTION).
+    2014 soft-SENSE), or "auto" (two sets where the second set covers more than SOFT_SENSE_MIN_FRACTION of the
+    first set's support).
     Needs a SENSE operator with a column mask (the calibration region is the sampled block around the centre
     column); "auto" falls back to the problem's operator otherwise, 2 raises UnsupportedOperatorError.
     """
@@ -111,7 +112,7 @@ def _soft_sense_operator(problem: InverseProblem, maps: int | str):
         return None, {"maps": 1}
     kspace = real_to_complex(problem.y).detach().cpu().numpy()                   # (B, C, H, W)
     sets = [estimate_coil_map_sets(k, num_maps=2, crop=SOFT_SENSE_CROPS) for k in kspace]
-    fraction = max(s.fraction_above(1, SOFT_SENSE_CROPS[0]) for s in sets)
+    fraction = max(s.fraction_above(1, SOFT_SENSE_CROPS[1]) for s in sets)         # set 2's share after its crop
     record = {"second_map_fraction": round(fraction, 4)}
     if maps == "auto" and fraction <= SOFT_SENSE_MIN_FRACTION:
         return None, {"maps": 1, **record}
