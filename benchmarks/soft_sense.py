@@ -70,7 +70,8 @@ def write_scans(workdir: Path, size: int, noise: float, seed: int) -> dict[str, 
     camera = natural_image("camera", size)
     margined = np.pad(camera, ((0, 0), (MARGIN, MARGIN)))
     tag = f"noise{noise:g}"
-    scans = {"camera (fills FOV)": workdir / f"camera_{tag}.h5", f"camera +{MARGIN}px margin": workdir / f"margin_{tag}.h5"}
+    scans = {"camera (fills FOV)": workdir / f"camera_{tag}.h5",
+             f"camera +{MARGIN}px margin": workdir / f"margin_{tag}.h5"}
     write_fake_fastmri(scans["camera (fills FOV)"], camera, num_coils=8, noise_level=noise, seed=seed)
     write_fake_fastmri(scans[f"camera +{MARGIN}px margin"], margined, num_coils=8, noise_level=noise, seed=seed)
     brain = workdir / f"brain_t1_multicoil_{tag}.h5"
@@ -81,7 +82,8 @@ def write_scans(workdir: Path, size: int, noise: float, seed: int) -> dict[str, 
             std = noise * float(handle["reconstruction_rss"][()].max())
             rng = np.random.default_rng(seed)
             acquired = kspace != 0
-            kspace = kspace + acquired * std * (rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape))
+            noise_sample = rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape)
+            kspace = kspace + acquired * std * noise_sample
             handle["kspace"][...] = kspace.astype(np.complex64)
     scans["brain_t1_multicoil.h5"] = brain
     return scans
@@ -116,7 +118,8 @@ def markdown(report: dict) -> str:
              "(`maps=1`), two (`maps=2`) and `maps=auto` (the MRI setting: two sets when the second set, cropped at "
              f"eigenvalue 0.8, covers > {report['auto_threshold']:.0%} of the first set's support; `frac2` is that "
              "fraction; the number of sets used in brackets).", "",
-             "| scan | noise | accel | lines | before: zero-filled | before: CG-SENSE | zero-filled | CG-SENSE maps=1 | "
+             "| scan | noise | accel | lines | before: zero-filled | before: CG-SENSE | zero-filled | "
+             "CG-SENSE maps=1 | "
              "maps=2 | maps=auto (used) | frac2 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in report["cases"]:
@@ -126,7 +129,8 @@ def markdown(report: dict) -> str:
         def cell(row):
             return f"{row['psnr']:.2f} / {row['ssim']:.3f}"
         lines.append(f"| {case['scan']} | {case['noise']:g} | {case['acceleration']}x | {case['calibration_lines']} | "
-                     f"{cell(by['before: zero-filled'])} | {cell(by['before: cg-sense'])} | {cell(by['zero-filled'])} | "
+                     f"{cell(by['before: zero-filled'])} | {cell(by['before: cg-sense'])} | "
+                     f"{cell(by['zero-filled'])} | "
                      f"{cell(by['cg-sense maps=1'])} | {cell(by['cg-sense maps=2'])} | {cell(auto)} "
                      f"({auto['maps_used']}) | {by['cg-sense maps=2']['second_map_fraction']:.3f} |")
     return "\n".join(lines) + "\n"
