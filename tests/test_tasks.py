@@ -110,6 +110,27 @@ def test_scan_slice_is_normalised_and_knows_its_pixel_spacing(tmp_path):
     assert pixel_spacing_mm(type("H", (), {"encoded_fov_mm": None})(), (480, 120)) is None
 
 
+def test_scan_slice_takes_its_coil_maps_from_maps_mask(tmp_path):
+    """maps_mask: the maps come from its calibration block, the data and the mask from ``mask``."""
+    path = tmp_path / "scan.h5"
+    write_fake_fastmri(path, _image(32, 48), num_coils=4, noise_level=0.01, seed=0)
+    with read_scan(path) as scan:
+        narrow, _ = scan_mask(scan, acceleration=4, center_fraction=0.17)
+        wide = narrow.copy()
+        centre = len(wide) // 2
+        wide[centre - 8:centre + 8] = True                       # a wider contiguous centre: other maps
+        own = scan_slice(scan, 0, wide)
+        shared = scan_slice(scan, 0, wide, maps_mask=narrow)
+        reference = scan_slice(scan, 0, narrow)
+        with pytest.raises(InputError, match="maps_mask"):
+            scan_slice(scan, 0, wide, maps_mask=narrow[:-1])
+    assert torch.equal(shared.problem.operator.coil_maps, reference.problem.operator.coil_maps)
+    assert not torch.equal(own.problem.operator.coil_maps, reference.problem.operator.coil_maps)
+    # the same data (the normalisation, from the zero-filled image, follows the maps) and the same mask
+    torch.testing.assert_close(shared.problem.y * shared.info["scale"], own.problem.y * own.info["scale"])
+    assert torch.equal(shared.problem.operator.mask, own.problem.operator.mask)
+
+
 @pytest.mark.parametrize("kwargs, needle", [({"acceleration": 0}, "--accel"), ({"acceleration": 2.5}, "--accel"),
                                             ({"mask_kind": "spiral"}, "--mask"),
                                             ({"center_fraction": 1.5}, "--center-fraction"),
