@@ -18,7 +18,7 @@ from invdiff.priors.analytic import GaussianMixturePrior
 from invdiff.priors.base import Denoiser, JacobianCovariance
 from invdiff.priors.unet import EDMUNet, UNetConfig
 from invdiff.problem import InverseProblem, simulate
-from invdiff.samplers.smc import sample_smc
+from invdiff.samplers.smc import _guarded_conjugate_gradient, sample_smc
 from tests.test_smc_dimension import _case, _image_prior, _scores
 
 F64 = torch.float64
@@ -143,3 +143,18 @@ def test_lanczos_iterations_are_checked():
     prior, problem, *_ = _case(size=4)
     with pytest.raises(ValueError, match="lanczos_iterations"):
         sample_smc(problem, prior, num_particles=2, steps=2, proposal="tweedie", lanczos_iterations=0)
+
+
+def test_guarded_conjugate_gradient_solves_spd_and_stops_at_negative_curvature():
+    """On an SPD system it is CG (solution to 1e-10); on an element whose matrix is indefinite it stops at the first
+    non-positive curvature with a finite iterate while the other element of the batch still converges."""
+    q, _ = torch.linalg.qr(_randn(8, 8, seed=7))
+    spd = q @ torch.diag(torch.linspace(0.1, 2.0, 8, dtype=F64)) @ q.T
+    indefinite = q @ torch.diag(torch.linspace(-1.0, 2.0, 8, dtype=F64)) @ q.T
+    matrices = torch.stack([spd, indefinite])
+    rhs = _randn(2, 8, seed=8)
+    u, relative = _guarded_conjugate_gradient(lambda v: torch.einsum("bij,bj->bi", matrices, v), rhs,
+                                              max_iter=100, tol=1e-12)
+    assert torch.allclose(u[0], torch.linalg.solve(spd, rhs[0]), atol=1e-10)
+    assert relative[0] < 1e-10
+    assert torch.isfinite(u[1]).all() and torch.isfinite(relative[1])

@@ -148,6 +148,8 @@ class JacobianCovariance:
         >>> draw = prior(x, sigma) + cov(torch.randn_like(x), 0.5)      # ~ N(D, Cov), Lanczos square root
     """
 
+    psd_margin = 1.0        # the shift is psd_margin times the most negative Ritz value
+
     def __init__(self, prior, x: torch.Tensor, sigma, *, lanczos_iterations: int = LANCZOS_ITERATIONS):
         if int(lanczos_iterations) != lanczos_iterations or lanczos_iterations < 1:
             raise ValueError(f"lanczos_iterations must be a positive integer, got {lanczos_iterations!r}")
@@ -226,7 +228,7 @@ class JacobianCovariance:
             off = torch.stack(betas, dim=1).double()
             tridiagonal = tridiagonal + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
         theta, vectors = torch.linalg.eigh(tridiagonal)                         # (B, m), (B, m, m)
-        shift = (-theta.min(dim=1).values).clamp_min(0).to(self.dtype)
+        shift = (self.psd_margin * -theta.min(dim=1).values).clamp_min(0).to(self.dtype)
         self.shift = torch.maximum(self.shift, shift.to(self.dtype).reshape(self.scale.shape))
         root = (theta + self.shift.reshape(-1, 1).double()).clamp_min(0).sqrt()
         coefficients = (vectors * root[:, None, :]) @ vectors[:, 0, :, None]    # T^(1/2) e1: (B, m, 1)
