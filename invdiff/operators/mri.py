@@ -83,6 +83,32 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape (B, {', '.join(map(str, expected))}), got {tuple(t.shape)}")
 
 
+class CoilMapsBuffer:
+    """Complex sensitivity maps kept in a real buffer ``coil_maps_ri`` (``maps.shape + (2,)``) of an Operator.
+
+    ``Module.to(float64)`` would drop the imaginary part of a complex buffer; a real one follows dtype and device
+    moves. ``op.coil_maps`` gives the maps back as complex. Shared by the SENSE operators (2-D, soft-SENSE, 3-D).
+    """
+
+    def _store_coil_maps(self, coil_maps, layout: str) -> torch.Tensor:
+        """Check ``coil_maps`` (``layout``, e.g. ``"(B|1, C, H, W)"``: its rank is the number of entries), make them
+        complex, register the buffer; returns the complex maps."""
+        maps = torch.as_tensor(coil_maps)
+        if maps.ndim != layout.count(",") + 1:
+            raise ValueError(f"coil_maps must have shape {layout}, got {tuple(maps.shape)}")
+        if not maps.is_complex():
+            maps = maps.to(complex_dtype(maps.dtype) if maps.is_floating_point() else torch.complex64)
+        if not bool(torch.isfinite(torch.view_as_real(maps)).all()):
+            raise ValueError("coil_maps contain NaN or Inf")
+        self.register_buffer("coil_maps_ri", torch.view_as_real(maps.resolve_conj()).clone())
+        return maps
+
+    @property
+    def coil_maps(self) -> torch.Tensor:
+        """The maps as complex, in the layout the operator documents."""
+        return torch.view_as_complex(self.coil_maps_ri.contiguous())
+
+
 def _example_mask(img_size: tuple[int, int]) -> torch.Tensor:
     return make_mask("random", shape=img_size, acceleration=2, center_fraction=0.25, seed="example.h5")
 
@@ -143,7 +169,7 @@ class CartesianMRI(Operator):
 
 
 @register_operator("sense_mri", example=lambda: SenseMRI(_example_mask((16, 12)), _example_coil_maps(4, (16, 12))))
-class SenseMRI(Operator):
+class SenseMRI(CoilMapsBuffer, Operator):
     """Multi-coil Cartesian MRI (SENSE), ``y_c = M F S_c x`` for coils ``c = 1..C``.
 
     x: (B, 2, H, W) real/imag; y: (B, 2, C, H, W), exactly +0.0 where not sampled.
@@ -163,19 +189,11 @@ class SenseMRI(Operator):
 
     def __init__(self, mask: torch.Tensor, coil_maps: torch.Tensor):
         super().__init__()
-        coil_maps = torch.as_tensor(coil_maps)
-        if coil_maps.ndim != 4:
-            raise ValueError(f"coil_maps must have shape (B|1, C, H, W), got {tuple(coil_maps.shape)}")
-        if not coil_maps.is_complex():
-            coil_maps = coil_maps.to(complex_dtype(coil_maps.dtype) if coil_maps.is_floating_point()
-                                     else torch.complex64)
-        if not bool(torch.isfinite(torch.view_as_real(coil_maps)).all()):
-            raise ValueError("coil_maps contain NaN or Inf")
+        coil_maps = self._store_coil_maps(coil_maps, "(B|1, C, H, W)")
         mask = _as_bool_mask(mask)
         self.img_size = (int(coil_maps.shape[-2]), int(coil_maps.shape[-1]))
         _check_mask_fits(mask, self.img_size)
         self.register_buffer("mask", mask.clone())
-        self.register_buffer("coil_maps_ri", torch.view_as_real(coil_maps.resolve_conj()).clone())
         # Instance-level flag: ||A||^2 = max over pixels of sum_c |S_c|^2 (times the sampled fraction <= 1).
         energy = coil_maps.abs().square().sum(dim=1).max()
         self.normalized = bool(energy <= 1 + _NORMALISED_MAPS_TOL)
@@ -187,11 +205,6 @@ class SenseMRI(Operator):
     @property
     def num_coils(self) -> int:
         return int(self.coil_maps_ri.shape[1])
-
-    @property
-    def coil_maps(self) -> torch.Tensor:
-        """The sensitivity maps as complex (B|1, C, H, W)."""
-        return torch.view_as_complex(self.coil_maps_ri.contiguous())
 
     def _maps_for(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         maps = self.coil_maps.to(dtype)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from invdiff.operators.base import Operator
-from invdiff.operators.fft import complex_dtype, complex_to_real, fft2c, ifft2c, real_to_complex
-from invdiff.operators.mri import _as_bool_mask, _check_batch, _check_mask_fits, _check_shape, _mask_grid
+from invdiff.operators.fft import complex_to_real, fft2c, ifft2c, real_to_complex
+from invdiff.operators.mri import (CoilMapsBuffer, _as_bool_mask, _check_batch, _check_mask_fits, _check_shape,
+                                   _mask_grid)
 from invdiff.registry import register_operator
 
 # ||A||^2 = max over pixels of the largest eigenvalue of S(r)^H S(r) (M x M); orthonormal ESPIRiT sets give 1.
@@ -34,7 +35,7 @@ def _example() -> "SoftSenseMRI":
 
 
 @register_operator("soft_sense_mri", example=_example)
-class SoftSenseMRI(Operator):
+class SoftSenseMRI(CoilMapsBuffer, Operator):
     """Soft-SENSE with ``M`` map sets, ``y_c = M F sum_m S_{m,c} x_m`` for coils ``c = 1..C``.
 
     x: (B, 2M, H, W) real/imag per component; y: (B, 2, C, H, W), exactly +0.0 where not sampled.
@@ -50,19 +51,11 @@ class SoftSenseMRI(Operator):
 
     def __init__(self, mask: torch.Tensor, coil_maps: torch.Tensor):
         super().__init__()
-        coil_maps = torch.as_tensor(coil_maps)
-        if coil_maps.ndim != 5:
-            raise ValueError(f"coil_maps must have shape (B|1, M, C, H, W), got {tuple(coil_maps.shape)}")
-        if not coil_maps.is_complex():
-            coil_maps = coil_maps.to(complex_dtype(coil_maps.dtype) if coil_maps.is_floating_point()
-                                     else torch.complex64)
-        if not bool(torch.isfinite(torch.view_as_real(coil_maps)).all()):
-            raise ValueError("coil_maps contain NaN or Inf")
+        coil_maps = self._store_coil_maps(coil_maps, "(B|1, M, C, H, W)")
         mask = _as_bool_mask(mask)
         self.img_size = (int(coil_maps.shape[-2]), int(coil_maps.shape[-1]))
         _check_mask_fits(mask, self.img_size)
         self.register_buffer("mask", mask.clone())
-        self.register_buffer("coil_maps_ri", torch.view_as_real(coil_maps.resolve_conj()).clone())
         per_pixel = coil_maps.to(torch.complex128).permute(0, 3, 4, 2, 1)           # (B, H, W, C, M)
         gram = per_pixel.conj().transpose(-1, -2) @ per_pixel                        # (B, H, W, M, M)
         self.normalized = bool(torch.linalg.eigvalsh(gram).max() <= 1 + _NORMALISED_TOL)
@@ -78,11 +71,6 @@ class SoftSenseMRI(Operator):
     @property
     def in_shape(self) -> tuple[int, int, int]:
         return (2 * self.num_maps, *self.img_size)
-
-    @property
-    def coil_maps(self) -> torch.Tensor:
-        """The map sets as complex (B|1, M, C, H, W)."""
-        return torch.view_as_complex(self.coil_maps_ri.contiguous())
 
     def _components(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 2M, H, W) real -> (B, M, H, W) complex."""

@@ -29,8 +29,8 @@ import torch
 
 from invdiff.operators.base import Operator
 from invdiff.operators.ct import ParallelBeamCT
-from invdiff.operators.fft import complex_dtype, complex_to_real, fft2c, ifft2c, real_to_complex
-from invdiff.operators.mri import _NORMALISED_MAPS_TOL, _as_bool_mask, _example_coil_maps
+from invdiff.operators.fft import complex_to_real, fft2c, ifft2c, real_to_complex
+from invdiff.operators.mri import _NORMALISED_MAPS_TOL, CoilMapsBuffer, _as_bool_mask, _example_coil_maps
 from invdiff.registry import register_operator
 
 __all__ = ["VolumeParallelBeamCT", "MultiSliceSenseMRI", "Cartesian3DMRI", "fft3c", "ifft3c", "limited_angles",
@@ -128,25 +128,12 @@ def ifft3c(kspace: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.ifftn(shifted, dim=_FFT3_DIMS, norm="ortho"), dim=_FFT3_DIMS)
 
 
-def _complex_maps(coil_maps) -> torch.Tensor:
-    maps = torch.as_tensor(coil_maps)
-    if maps.ndim != 5:
-        raise ValueError(f"coil_maps must have shape (B|1, C, D, H, W), got {tuple(maps.shape)}")
-    if not maps.is_complex():
-        maps = maps.to(complex_dtype(maps.dtype) if maps.is_floating_point() else torch.complex64)
-    if not bool(torch.isfinite(torch.view_as_real(maps)).all()):
-        raise ValueError("coil_maps contain NaN or Inf")
-    return maps
-
-
-class _VolumeSense(Operator):
-    """Shared parts of the two volume MRI operators: 3-D coil maps in a real buffer, the mask, shapes, support."""
+class _VolumeSense(CoilMapsBuffer, Operator):
+    """Shared parts of the two volume MRI operators: 3-D coil maps (B|1, C, D, H, W), the mask, shapes, support."""
 
     def _init_maps(self, coil_maps) -> torch.Tensor:
-        maps = _complex_maps(coil_maps)
+        maps = self._store_coil_maps(coil_maps, "(B|1, C, D, H, W)")
         self.volume_size = tuple(int(s) for s in maps.shape[-3:])
-        # Real storage: Module.to(float64) would drop the imaginary part of a complex buffer (as in SenseMRI).
-        self.register_buffer("coil_maps_ri", torch.view_as_real(maps.resolve_conj()).clone())
         self.normalized = bool(maps.abs().square().sum(dim=1).max() <= 1 + _NORMALISED_MAPS_TOL)
         return maps
 
@@ -157,11 +144,6 @@ class _VolumeSense(Operator):
     @property
     def num_coils(self) -> int:
         return int(self.coil_maps_ri.shape[1])
-
-    @property
-    def coil_maps(self) -> torch.Tensor:
-        """The sensitivity maps as complex (B|1, C, D, H, W)."""
-        return torch.view_as_complex(self.coil_maps_ri.contiguous())
 
     def _maps_for(self, t: torch.Tensor) -> torch.Tensor:
         maps = self.coil_maps.to(t.dtype)
