@@ -30,7 +30,11 @@ spread is small against the signal, i.e. on the support.) ``sample_smc`` returns
 channels only, so the magnitude std is computed here from ``result.samples``.
 
 ``--set smc:NAME=VALUE`` (or ``reddiff:``) changes one hyperparameter over the task settings, for example
-``--set smc:proposal=conditional``; ``--tag`` names the report apart.
+``--set smc:proposal=conditional``; ``--tag`` names the report apart. ``--proposals conditional,tweedie`` runs SMC
+once per proposal on every task (one row each, the same RED-Diff run beside them), so the proposals are compared
+in one run on one machine load. ``--size PX`` builds the tasks small, as quick mode does (a synthetic 4-coil scan of
+the T1 slice, the phantom and the inpainting image block-averaged to PX), but with the shipped network priors:
+image-task numbers a CPU can afford (the network tweedie proposal costs a JVP + VJP per CG iteration).
 
 Every sampler run gets a ``torch.Generator`` seeded ``seed * SEED_STRIDE + image index``, as ``run_solver`` does.
 
@@ -39,6 +43,7 @@ Every sampler run gets a ``torch.Generator`` seeded ``seed * SEED_STRIDE + image
     python -m benchmarks.smc_images --device cuda               # bf16 around the network (--network-dtype)
     python -m benchmarks.smc_images --tasks mri-4x,ct-30 --particles 32 --steps 200
     python -m benchmarks.smc_images --mri-prior PATH.json --ct-prior PATH.json
+    python -m benchmarks.smc_images --size 32 --tasks ct-30,mri-4x --steps 20 --proposals conditional,tweedie
 
 Tasks (built by the task builders of :mod:`invdiff.compare`, as in ``benchmarks/run.py``):
 
@@ -114,20 +119,27 @@ def _t1_image(size: int | None = None) -> np.ndarray:
     return image if size is None else block_average(image, size)
 
 
-def build_tasks(names: list[str], quick: bool, device: torch.device, workdir: Path) -> list[Task]:
-    """The named tasks, each with its task-family settings for RED-Diff and SMC (as benchmarks/run.py builds them)."""
+def build_tasks(names: list[str], quick: bool, device: torch.device, workdir: Path,
+                size: int | None = None) -> list[Task]:
+    """The named tasks, each with its task-family settings for RED-Diff and SMC (as benchmarks/run.py builds them).
+
+    size: build them at ``size`` px the quick way (quick mode: 48 px MRI, 32 px CT and inpainting).
+    """
     from invdiff.datasets.synthetic import write_fake_fastmri
     from invdiff.operators.inpainting import random_pixel_mask
 
     tasks = []
     accelerations = [int(name[len("mri-"):-1]) for name in names if name.startswith("mri-")]
+    small = size is not None or quick
     if accelerations:
-        if quick:
-            image = _t1_image(48)
-            scan = workdir / "quick_scan.h5"
+        if small:
+            mri_size = size or 48
+            image = _t1_image(mri_size)
+            scan = workdir / "small_scan.h5"
             write_fake_fastmri(scan, image, num_coils=4, noise_level=0.01 * float(image.max()), seed=0)
-            # 0.17: ESPIRiT needs >= 8 calibration lines of the 48 columns
-            mri = scan_tasks(scan, accelerations, slices="0", device=device, center_fraction=0.17)
+            # ESPIRiT needs >= 8 calibration lines (0.17 of 48 columns)
+            mri = scan_tasks(scan, accelerations, slices="0", device=device,
+                             center_fraction=max(0.17, 8 / mri_size))
         else:
             mri = scan_tasks(REPO / "data" / "brain_t1_multicoil.h5", accelerations, slices="0", device=device)
         for task in mri:
@@ -135,11 +147,11 @@ def build_tasks(names: list[str], quick: bool, device: torch.device, workdir: Pa
         tasks += mri
     if "ct-30" in names:
         with h5py.File(REPO / "data" / "ct_samples.h5", "r") as h5:
-            phantom = block_average(h5["images"][3], 32 if quick else 128)         # 'thorax', held out
+            phantom = block_average(h5["images"][3], size or (32 if quick else 128))   # 'thorax', held out
         ct = ct_task(phantom, 30, noise_fraction=0.01, device=device)
         tasks.append(ct)
     if "inpainting" in names:
-        image = _t1_image(32) if quick else _t1_image()
+        image = _t1_image(size or 32) if small else _t1_image()
         inpainting = inpainting_task(image, random_pixel_mask(image.shape, 0.5, generator=0), name="inpainting",
                                      device=device)
         tasks.append(inpainting)
@@ -231,10 +243,14 @@ def _scores(target: np.ndarray, image: np.ndarray) -> dict:
     return {"psnr": float(scores["psnr"]), "ssim": float(scores["ssim"])}
 
 
-def measure_smc(task: Task, prior, particles: int, steps: int, seed: int) -> dict:
-    """One SMC run on the task's image (the task layer's solve: own copy of y, the seed rule), scored and calibrated."""
+def measure_smc(task: Task, prior, particles: int, steps: int, seed: int, proposal: str | None = None) -> dict:
+    """One SMC run on the task's image (the task layer's solve: own copy of y, the seed rule), scored and calibrated.
+
+    proposal: overrides the task settings' (and --set's) proposal when given.
+    """
+    chosen = {"proposal": proposal} if proposal else {}
     kwargs = settings.effective("smc", task.family, {"num_particles": particles, "variant": "sde",
-                                                     **task.overrides.get("smc", {})}, steps=steps)
+                                                     **task.overrides.get("smc", {}), **chosen}, steps=steps)
     image = task.images[0]
     with timed(image.problem.y) as wall:
         solution = solve(image, "smc", prior, kwargs, seed=seed)
@@ -250,7 +266,8 @@ def measure_smc(task: Task, prior, particles: int, steps: int, seed: int) -> dic
     mean_scores = _scores(image.target, center.astype(np.float32))
     best_scores = _scores(image.target, image.to_image(diagnostics["best_particle"]))
     row = {
-        "task": task.name, "hyperparameters": kwargs, "note": "" if mean_scores["psnr"] is not None else
+        "task": task.name, "proposal": kwargs["proposal"], "hyperparameters": kwargs,
+        "note": "" if mean_scores["psnr"] is not None else
         "diverged: non-finite values in the weighted mean",
         "psnr_mean": mean_scores["psnr"], "ssim_mean": mean_scores["ssim"],
         "psnr_best": best_scores["psnr"], "ssim_best": best_scores["ssim"],
@@ -267,9 +284,11 @@ def measure_smc(task: Task, prior, particles: int, steps: int, seed: int) -> dic
         "finite_particles": int(diagnostics["finite_particles"]),
         "max_stiffness": float(diagnostics["stiffness"].max()),
         "cg_iterations": int(diagnostics["conditional_cg_iterations"]),
+        "jacobian_products": int(diagnostics.get("jacobian_products") or 0),
+        "tweedie_covariance": diagnostics.get("tweedie_covariance"),
     }
-    log.info("smc on %s: PSNR mean %s best %s, coverage %s (support %s), final ESS %s, %.2f s", task.name,
-             _cell(row["psnr_mean"], ".2f"), _cell(row["psnr_best"], ".2f"), _cell(row["coverage"], ".3f"),
+    log.info("smc (%s) on %s: PSNR mean %s best %s, coverage %s (support %s), final ESS %s, %.2f s", row["proposal"],
+             task.name, _cell(row["psnr_mean"], ".2f"), _cell(row["psnr_best"], ".2f"), _cell(row["coverage"], ".3f"),
              _cell(row["coverage_support"], ".3f"), _cell(row["ess_final"], ".1f"), wall.seconds)
     return row
 
@@ -313,32 +332,43 @@ def markdown(report: dict) -> str:
              f"the end (a shared machine: timings vary with load).", "",
              "Quality (PSNR/SSIM: fastMRI protocol; coverage: share of pixels with |mean - truth| <= 2 std, all "
              "and on the support truth > 5 % of max; spread/error: RMS std / RMS error on the support):", "",
-             "| task | SMC mean PSNR | SSIM | SMC best PSNR | SSIM | RED-Diff PSNR | SSIM | coverage | "
+             "| task | SMC proposal | SMC mean PSNR | SSIM | SMC best PSNR | SSIM | RED-Diff PSNR | SSIM | coverage | "
              "coverage (support) | spread/error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         red = row["reddiff"]
-        lines.append(f"| {row['task']} | {_cell(row['psnr_mean'], '.2f')} | {_cell(row['ssim_mean'], '.4f')} | "
+        lines.append(f"| {row['task']} | {row.get('proposal')} | {_cell(row['psnr_mean'], '.2f')} | {_cell(row['ssim_mean'], '.4f')} | "
                      f"{_cell(row['psnr_best'], '.2f')} | {_cell(row['ssim_best'], '.4f')} | "
                      f"{_cell(red['psnr'], '.2f')} | {_cell(red['ssim'], '.4f')} | {_cell(row['coverage'], '.3f')} | "
                      f"{_cell(row['coverage_support'], '.3f')} | {_cell(row['spread_error_ratio'], '.2f')} |")
     lines += ["", f"Cost (batch pass: one prior call on N images at the task's shape, median; cost ratio: SMC wall "
                   f"per step / batch pass, goal <= {COST_GOAL}; per call: SMC wall / NFE / batch pass; CG calls: "
-                  f"normal-operator calls of the conditional proposal's solves, each on 2N images, per step):", "",
-              "| task | SMC wall (s) | network (s) | NFE | particle evals | ESS final | ESS min | resamplings | "
-              "RED-Diff wall (s) | SMC / RED-Diff | batch pass (s) | cost ratio / step | per call | CG calls / step |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"normal-operator calls of the conditional / tweedie proposal's solves per step; JVP+VJP: batched "
+                  f"products C_t v of the tweedie proposal on a network prior, per step, not counted in NFE):", "",
+              "| task | SMC proposal | SMC wall (s) | network (s) | NFE | particle evals | ESS final | ESS min | "
+              "resamplings | RED-Diff wall (s) | SMC / RED-Diff | batch pass (s) | cost ratio / step | per call | "
+              "CG calls / step | JVP+VJP / step |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         red = row["reddiff"]
-        lines.append(f"| {row['task']} | {row['wall_seconds']:.2f} | {row['network_seconds']:.2f} | {row['nfe']} | "
+        steps_run = row['hyperparameters']['steps']
+        lines.append(f"| {row['task']} | {row.get('proposal')} | {row['wall_seconds']:.2f} | {row['network_seconds']:.2f} | {row['nfe']} | "
                      f"{row['particle_evaluations']} | {_cell(row['ess_final'], '.1f')} | "
                      f"{_cell(row['ess_min'], '.1f')} | {row['resampling_events']} | "
                      f"{_cell(red['wall_seconds'], '.2f')} | {_cell(row['smc_over_reddiff'], '.1f')}x | "
                      f"{row['batch_pass_seconds']:.4f} | {row['cost_ratio_per_step']:.2f} | "
                      f"{row['cost_ratio_per_call']:.2f} | "
-                     f"{row['cg_iterations'] / row['hyperparameters']['steps']:.1f} |")
+                     f"{row['cg_iterations'] / steps_run:.1f} | {row.get('jacobian_products', 0) / steps_run:.1f} |")
     notes = [f"{row['task']}: SMC {row['note']}" for row in report["rows"] if row["note"]]
     notes += [f"{row['task']}: RED-Diff {row['reddiff']['note']}" for row in report["rows"] if row["reddiff"]["note"]]
+    if any(row.get("tweedie_covariance") == "jacobian" for row in report["rows"]):
+        notes.append("The tweedie proposal on a network prior uses the autodiff Tweedie covariance and is not "
+                     "reweighted (invdiff/samplers/smc.py, module docstring): its ESS = N means 'equal weights by "
+                     "construction', not a converged importance sampler; its particles are independent runs of a "
+                     "moment-projected (TMPD-like) posterior chain.")
+    if report.get("size"):
+        lines += ["", f"Small images: tasks built at {report['size']} px (MRI from a synthetic 4-coil scan of the T1 "
+                      f"slice) with the shipped network priors."]
     if report["quick"]:
         lines += ["", "Quick mode: tiny images and an analytic prior (an FFT Wiener filter, cheaper than the "
                       "operator), so the numbers check the pipeline only; the cost ratios measure solver overhead."]
@@ -368,6 +398,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="SOLVER:NAME=VALUE",
                         help="hyperparameter of smc or reddiff over the task settings, e.g. smc:proposal=conditional")
     parser.add_argument("--tag", default="", help="suffix of the report's file name (e.g. the settings compared)")
+    parser.add_argument("--proposals", default=None,
+                        help="comma-separated SMC proposals, one row each per task (default: the task settings')")
+    parser.add_argument("--size", type=int, default=None,
+                        help="build the tasks at this many px (synthetic 4-coil MRI scan) with the network priors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from invdiff.tasks import resolve_device
@@ -383,6 +417,14 @@ def main(argv=None) -> dict:
                           ("--steps", args.steps if args.steps is not None else 1)):
         if value < 1:
             raise ValueError(f"{option} must be a positive integer, got {value}")
+    from invdiff.samplers.smc import PROPOSALS
+    proposals = [None] if args.proposals is None else [p.strip() for p in args.proposals.split(",") if p.strip()]
+    if args.proposals is not None and (not proposals or any(p not in PROPOSALS for p in proposals)):
+        raise ValueError(f"--proposals: expected a comma-separated subset of {', '.join(PROPOSALS)}, "
+                         f"got {args.proposals!r}")
+    if args.size is not None and (args.quick or args.size < 16):
+        raise ValueError(f"--size: expected at least 16 px and no --quick (quick mode has its own sizes), "
+                         f"got {args.size}")
     if args.quick and (args.mri_prior or args.ct_prior):
         raise ValueError("--quick runs the analytic prior; drop --mri-prior / --ct-prior or drop --quick")
     device = resolve_device(args.device)
@@ -406,6 +448,7 @@ def main(argv=None) -> dict:
             "load_average_start": load_start, "load_average_end": load_average(),
             "command": "python -m benchmarks.smc_images " + " ".join(argv if argv is not None else sys.argv[1:]),
             "smc_settings": {"num_particles": args.particles, "steps": steps, "variant": "sde"},
+            "size": args.size, "proposals": proposals if args.proposals is not None else None,
             "overrides": overrides,
             "priors": priors, "batch_pass_repeats": args.repeats, "cost_goal": COST_GOAL,
             "coverage_definition": f"|mean - truth| <= {COVERAGE_STDS} std; support: truth > {SUPPORT_FRACTION} max",
@@ -416,7 +459,8 @@ def main(argv=None) -> dict:
         }
         args.out.mkdir(parents=True, exist_ok=True)
         stem = (f"smc_images-{date}-{device.type}{'' if steps == 100 or args.quick else f'-{steps}steps'}"
-                f"{'-quick' if args.quick else ''}{'-' + args.tag if args.tag else ''}")
+                f"{f'-{args.size}px' if args.size else ''}{'-quick' if args.quick else ''}"
+                f"{'-' + args.tag if args.tag else ''}")
         atomic_write_json(args.out / f"{stem}.json", report)
         text = markdown(report)
         with atomic_open(args.out / f"{stem}.md", "w") as handle:
@@ -426,22 +470,25 @@ def main(argv=None) -> dict:
 
     rows, priors = [], {}
     with tempfile.TemporaryDirectory() as workdir:
-        tasks = build_tasks(names, args.quick, device, Path(workdir))
+        tasks = build_tasks(names, args.quick, device, Path(workdir), size=args.size)
         set_overrides(tasks, overrides)
         for task in tasks:
             kind = PRIOR_KIND[task.name]
             prior = quick_prior(task, device) if args.quick else loaded[kind]
             priors[task.name if args.quick else kind] = prior_record(prior)
             batch_pass = batch_pass_seconds(prior, task, args.particles, args.repeats)
-            row = measure_smc(task, prior, args.particles, steps, args.seed)
-            row["reddiff"] = measure_reddiff(task, prior, steps, args.seed)
-            red_wall = row["reddiff"]["wall_seconds"]
-            row.update(batch_pass_seconds=batch_pass,
-                       cost_ratio_per_step=row["wall_seconds"] / steps / batch_pass,
-                       cost_ratio_per_call=row["wall_seconds"] / max(row["nfe"], 1) / batch_pass,
-                       smc_over_reddiff=row["wall_seconds"] / red_wall if red_wall else None)
-            rows.append(row)
-            report, text = write_report(rows, tasks[:len(rows)])
+            reddiff = None
+            for proposal in proposals:
+                row = measure_smc(task, prior, args.particles, steps, args.seed, proposal)
+                reddiff = reddiff or measure_reddiff(task, prior, steps, args.seed)     # once per task
+                row["reddiff"] = reddiff
+                red_wall = reddiff["wall_seconds"]
+                row.update(batch_pass_seconds=batch_pass,
+                           cost_ratio_per_step=row["wall_seconds"] / steps / batch_pass,
+                           cost_ratio_per_call=row["wall_seconds"] / max(row["nfe"], 1) / batch_pass,
+                           smc_over_reddiff=row["wall_seconds"] / red_wall if red_wall else None)
+                rows.append(row)
+                report, text = write_report(rows, tasks[:tasks.index(task) + 1])
     print(text)
     return report
 

@@ -114,3 +114,19 @@ def test_set_and_tag_change_the_smc_settings_and_the_file_name(benchmark, tmp_pa
         benchmark.main(["--quick", "--tag", "a/b", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="smc and reddiff only"):
         benchmark.main(["--quick", "--set", "dps:zeta=1", "--out", str(tmp_path)])
+
+
+def test_proposals_give_a_row_each_beside_one_reddiff_run(benchmark, tmp_path):
+    report = benchmark.main(["--quick", "--tasks", "inpainting", "--particles", "4", "--steps", "4",
+                             "--proposals", "conditional,tweedie", "--out", str(tmp_path)])
+    rows = report["rows"]
+    assert [(row["task"], row["proposal"]) for row in rows] == [("inpainting", "conditional"), ("inpainting", "tweedie")]
+    assert rows[0]["reddiff"] is rows[1]["reddiff"]                     # RED-Diff ran once for the task
+    assert rows[1]["tweedie_covariance"] == "closed_form"                # the analytic quick prior
+    assert rows[1]["ess_final"] == pytest.approx(4)
+    stem = f"smc_images-{report['date']}-cpu-quick"
+    assert "| inpainting | tweedie |" in (tmp_path / f"{stem}.md").read_text()
+    with pytest.raises(ValueError, match="--proposals"):
+        benchmark.main(["--quick", "--proposals", "conditional,magic", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--size"):
+        benchmark.main(["--quick", "--size", "32", "--out", str(tmp_path)])
