@@ -185,3 +185,21 @@ def test_task_maps_from_few_lines_cover_the_object_where_the_square_region_did_n
         return float((np.abs(maps).sum(axis=0) > 0)[obj].mean())
     assert covered(slice_coil_maps(masked, lines)) > 0.97            # measured 0.98 (4 lines), 0.995 (5)
     assert covered(estimate_coil_maps(masked, lines)) < 0.95         # sigpy's square region: 0.0, 0.91
+
+
+def test_safeguard_scores_a_two_map_reference_through_its_own_model(filling_and_margined_tasks):
+    """The held-out check predicts k-space with the solver's own model: for two-map CG-SENSE the soft-SENSE
+    operator and both components (its combined image through the one-map operator predicts far worse)."""
+    from invdiff.tasks.safeguard import _model, _prediction_error, _held_out, column_mask
+
+    image = filling_and_margined_tasks["filling"]
+    problem = image.problem
+    _, solution = _psnr_of(image, "cg-sense", maps="auto")
+    operator, state = _model(solution, problem.operator)
+    assert state.shape[1] == 4 and operator is not problem.operator              # the model: both components
+    held = _held_out(image, column_mask(problem.operator), 0.2, 0)
+    through_model = _prediction_error(operator, state, problem.y, problem.sigma_y, held)
+    through_one_map = _prediction_error(problem.operator, solution.result.x, problem.y, problem.sigma_y, held)
+    assert through_model < 0.5 * through_one_map, (through_model, through_one_map)
+    _, one_map = _psnr_of(image, "cg-sense", maps=1)
+    assert _model(one_map, problem.operator)[1] is one_map.result.x             # one map: the image itself

@@ -79,7 +79,15 @@ def held_out_columns(mask: torch.Tensor, fraction: float, generator: torch.Gener
     return held
 
 
-def _prediction_error(operator, y: torch.Tensor, sigma_y: float, x: torch.Tensor, held: torch.Tensor) -> float:
+def _model(solution: Solution, operator) -> tuple:
+    """``(operator, state)`` a solution predicts k-space with: the problem's operator and its image, or the
+    solver's own model when it reports one (CG-SENSE with two ESPIRiT map sets: the soft-SENSE operator and both
+    components; their one combined image through the one-map operator would overstate its error)."""
+    model = solution.result.diagnostics.get("model")
+    return model if model is not None else (operator, solution.result.x)
+
+
+def _prediction_error(operator, x: torch.Tensor, y: torch.Tensor, sigma_y: float, held: torch.Tensor) -> float:
     """``(||M_H (A x - y)||^2 - n_H sigma_y^2) / ||M_H y||^2``, ``A`` restricted to the held-out columns."""
     on_held = operator.replace(mask=held.to(operator.mask.device))
     predicted = on_held.A(x)
@@ -129,8 +137,8 @@ def safeguarded_solve(image: TaskImage, solver: str, prior, hyperparameters: dic
     reference_values = effective(reference, "mri")
     trial = solve(reduced, solver, prior, hyperparameters, seed=seed, callback=callback)
     baseline = solve(reduced, reference, None, reference_values, seed=seed)
-    solver_error = _prediction_error(operator, problem.y, problem.sigma_y, trial.result.x, held)
-    reference_error = _prediction_error(operator, problem.y, problem.sigma_y, baseline.result.x, held)
+    solver_error = _prediction_error(*_model(trial, operator), problem.y, problem.sigma_y, held)
+    reference_error = _prediction_error(*_model(baseline, operator), problem.y, problem.sigma_y, held)
     trusted = solver_error <= tolerance * reference_error
     chosen = solver if trusted else reference
     log.info("safeguard on slice %d: %s predicts %d held-out columns with relative error %.3g, %s %.3g: %s",
