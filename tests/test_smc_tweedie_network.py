@@ -157,4 +157,9 @@ def test_guarded_conjugate_gradient_solves_spd_and_stops_at_negative_curvature()
                                               max_iter=100, tol=1e-12)
     assert torch.allclose(u[0], torch.linalg.solve(spd, rhs[0]), atol=1e-10)
     assert relative[0] < 1e-10
-    assert torch.isfinite(u[1]).all() and torch.isfinite(relative[1])
+    assert torch.isfinite(u[1]).all() and torch.isfinite(relative[1]) and relative[1] <= 1   # never worse than 0
+    # preconditioned by the exact inverse of a nearby SPD matrix (flexible CG): the same SPD solution
+    nearby = torch.linalg.inv(spd + 0.05 * torch.eye(8, dtype=F64))
+    u, relative = _guarded_conjugate_gradient(lambda v: v @ spd.T, rhs, max_iter=100, tol=1e-12,
+                                              precondition=lambda v: v @ nearby.T)
+    assert torch.allclose(u, torch.linalg.solve(spd, rhs.T).T, atol=1e-10)

@@ -159,6 +159,8 @@ class JacobianCovariance:
         sigma = as_sigma_batch(sigma, x.shape[0], x).detach()
         self.scale = (sigma ** 2).reshape(-1, *([1] * (x.ndim - 1)))
         self.shift = torch.zeros_like(self.scale)     # the PSD guard (set by sqrt); 0 until then
+        self.rayleigh = None                          # v^T C v / |v|^2 of the last root's v (B,): for a random v,
+                                                      # a one-probe estimate of tr(C) / d (Hutchinson)
         net_sigma = sigma.to(network_dtype)
         # no_grad: the transforms still differentiate in x, but no graph is kept for the network's parameters
         with torch.no_grad():
@@ -230,6 +232,7 @@ class JacobianCovariance:
         theta, vectors = torch.linalg.eigh(tridiagonal)                         # (B, m), (B, m, m)
         shift = (self.psd_margin * -theta.min(dim=1).values).clamp_min(0).to(self.dtype)
         self.shift = torch.maximum(self.shift, shift.to(self.dtype).reshape(self.scale.shape))
+        self.rayleigh = alphas[0] + self.shift.reshape(-1)
         root = (theta + self.shift.reshape(-1, 1).double()).clamp_min(0).sqrt()
         coefficients = (vectors * root[:, None, :]) @ vectors[:, 0, :, None]    # T^(1/2) e1: (B, m, 1)
         coefficients = (coefficients.squeeze(-1) * norm.double()[:, None]).to(v.dtype)
