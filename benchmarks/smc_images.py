@@ -337,7 +337,8 @@ def markdown(report: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         red = row["reddiff"]
-        lines.append(f"| {row['task']} | {row.get('proposal')} | {_cell(row['psnr_mean'], '.2f')} | {_cell(row['ssim_mean'], '.4f')} | "
+        lines.append(f"| {row['task']} | {row.get('proposal')} | {_cell(row['psnr_mean'], '.2f')} | "
+                     f"{_cell(row['ssim_mean'], '.4f')} | "
                      f"{_cell(row['psnr_best'], '.2f')} | {_cell(row['ssim_best'], '.4f')} | "
                      f"{_cell(red['psnr'], '.2f')} | {_cell(red['ssim'], '.4f')} | {_cell(row['coverage'], '.3f')} | "
                      f"{_cell(row['coverage_support'], '.3f')} | {_cell(row['spread_error_ratio'], '.2f')} |")
@@ -352,7 +353,8 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         red = row["reddiff"]
         steps_run = row['hyperparameters']['steps']
-        lines.append(f"| {row['task']} | {row.get('proposal')} | {row['wall_seconds']:.2f} | {row['network_seconds']:.2f} | {row['nfe']} | "
+        lines.append(f"| {row['task']} | {row.get('proposal')} | {row['wall_seconds']:.2f} | "
+                     f"{row['network_seconds']:.2f} | {row['nfe']} | "
                      f"{row['particle_evaluations']} | {_cell(row['ess_final'], '.1f')} | "
                      f"{_cell(row['ess_min'], '.1f')} | {row['resampling_events']} | "
                      f"{_cell(red['wall_seconds'], '.2f')} | {_cell(row['smc_over_reddiff'], '.1f')}x | "

@@ -135,7 +135,7 @@ class SliceDenoiser(Denoiser):
 
 
 class JacobianCovariance:
-    """``C = sigma^2 (J + J^T) / 2 + shift``, ``J = dD/dx`` at a fixed ``(x, sigma)``: Tweedie's ``Cov[x0 | x]``, matrix-free.
+    """``C = sigma^2 (J + J^T) / 2 + shift``, ``J = dD/dx`` at a fixed ``(x, sigma)``: Tweedie's ``Cov[x0 | x]``.
 
     x: (B, ...) images, sigma: scalar or (B,); each image is its own block (J is block diagonal over the batch),
     so every inner product below is per image. Built with one forward pass through ``torch.func.vjp``, whose

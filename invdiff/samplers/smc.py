@@ -115,11 +115,13 @@ weights stay equal at any step count (so the returned ESS is N), and Stage I's s
 Network and other non-Gaussian priors run the same step with the autodiff covariance of the base class,
 ``C_t = t^2 (J + J^T) / 2`` (:class:`invdiff.priors.base.JacobianCovariance`: one linearisation per step, one
 JVP + VJP per CG iteration in measurement space, a ``lanczos_iterations``-step Lanczos square root for
-``C_t^(1/2) xi``, a PSD guard; the solve stops at the first non-positive curvature, since a network's symmetrised
-Jacobian is not exactly PSD, and at ``cg_max_iterations``: on sparse-view CT ``A C_t A^T + sigma_y^2 I`` has a
-condition number of order ``||A||^2 sigma_data^2 / sigma_y^2`` and CG needs hundreds of JVPs for 1e-4, so a capped
-solve is inexact, recorded as ``conditional_cg_residual``). Their weights are *not* corrected; what the sampler then targets, precisely:
-write ``p~(x0 | x) = N(D, C_t)``, ``p~(x' | x)`` the Gaussian reverse kernel it induces through the bridge, and
+``C_t^(1/2) xi``, a PSD guard). Its CG is preconditioned by ``(c A A^T + sigma_y^2 I)^-1`` (c a one-probe estimate
+of ``tr(C_t) / d``, applied by an inner CG on the operator alone: without it sparse-view CT's condition number
+``~ ||A||^2 c / sigma_y^2`` costs hundreds of JVPs a step), stops at the first non-positive curvature (a network's
+symmetrised Jacobian is not exactly PSD) and at ``cg_max_iterations``, and returns its smallest-residual iterate;
+a capped solve is inexact and its worst residual is recorded as ``conditional_cg_residual``.
+Their weights are *not* corrected; what the sampler then targets, precisely: write ``p~(x0 | x) = N(D, C_t)``,
+``p~(x' | x)`` the Gaussian reverse kernel it induces through the bridge, and
 ``L_t(x) = p~(y | x) = N(y; A D, A C_t A^T + sigma_y^2 I)`` the twist. The step draws x' from
 ``q(x' | x) = p~(x' | x, y) = p~(x' | x) p~(y | x, x') / L_t(x)``, so the SMC weight towards the twisted targets
 ``p~_t(x) L_t(x)`` (``p~_t`` the marginals of the chain ``p~``) is
