@@ -20,6 +20,11 @@ and peak memory is ``torch.cuda.max_memory_allocated``.
     python benchmarks/volume3d.py --size 256 --views 8 --device cuda                   # the 256^3 GPU run
 
 Writes ``benchmarks/results/volume3d-<date>-<device>[-tag].{json,md}``.
+
+The CT rows of ``invdiff.settings.TUNED`` for dds and diffusion-mbir come from runs of this script on tuning phantoms
+(``--size 32 --depth 16 --views 30`` and 8, ``--seed 11`` and ``12``, ``--set dds:lam=L dds:rho=R``, one run per
+value; the default ``--seed 7`` is the reported volume and was not used to choose):
+``results/volume3d-2026-12-05-cpu-ct-sweep.md``, validated on seed 7 in ``-ct-tuned`` against ``-ct-paper-defaults``.
 """
 from __future__ import annotations
 
