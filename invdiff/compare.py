@@ -204,7 +204,7 @@ class SolverRow:
         planes = self.planes or {}
         for plane in PLANES:
             record[f"PSNR_{plane}"] = _fmt(planes.get("psnr", {}).get(plane), ".4f")
-            record[f"SSIM_{plane}"] = _fmt(planes.get("ssim", {}).get(plane), ".5f")
+            record[f"SSIM_{plane}"] = _fmt(_defined(planes.get("ssim", {}).get(plane)), ".5f")
         record["PSNR_volume"] = _fmt(planes.get("volume_psnr"), ".4f")
         record["peak_memory_MB"] = _fmt(None if self.peak_memory_bytes is None else self.peak_memory_bytes / 2 ** 20,
                                         ".1f")
@@ -363,6 +363,11 @@ def _fmt(value, spec: str) -> str:
     return NOT_AVAILABLE if value is None else format(value, spec)
 
 
+def _defined(value):
+    """A plane's SSIM is NaN where the plane has fewer than 7 slices (plane_metrics): shown as n/a, not nan."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 @dataclass
 class ComparisonReport:
     """All rows (tasks x solvers, baseline first per task) and the files written."""
@@ -405,7 +410,7 @@ class ComparisonReport:
             if self.volume:
                 planes = row.planes or {}
                 psnr = " / ".join(_fmt(planes.get("psnr", {}).get(plane), ".2f") for plane in PLANES)
-                ssim = " / ".join(_fmt(planes.get("ssim", {}).get(plane), ".4f") for plane in PLANES)
+                ssim = " / ".join(_fmt(_defined(planes.get("ssim", {}).get(plane)), ".4f") for plane in PLANES)
                 cells = [psnr, ssim, _fmt(row.nmse, ".4f"), _fmt(row.seconds, ".1f"), record["NFE"],
                          record["peak_memory_MB"]]
             else:
@@ -422,8 +427,14 @@ class ComparisonReport:
     def summary_lines(self) -> list[str]:
         from invdiff import metrics
 
-        return [self.table(), f"metrics protocol: {metrics.PROTOCOL}", f"wrote {self.metrics_csv}",
-                f"wrote {self.summary_json}", f"wrote {self.out_dir / 'reconstructions.npz'} (every image, to rescore)",
+        notes = [f"metrics protocol: {metrics.PROTOCOL}"]
+        if self.volume:
+            source = next((row.peak_memory_source for row in self.rows if row.peak_memory_source), "n/a")
+            notes += ["plane metrics: mean over each plane's 2-D images (all-zero target images left out; SSIM n/a "
+                      "where a plane has fewer than 7 slices), one maxval per volume; NMSE: fastMRI, per volume",
+                      f"peak memory: {source}"]
+        return [self.table(), *notes, f"wrote {self.metrics_csv}", f"wrote {self.summary_json}",
+                f"wrote {self.out_dir / 'reconstructions.npz'} (every image, to rescore)",
                 *(f"wrote {figure}" for figure in self.figures)]
 
 

@@ -144,3 +144,13 @@ def test_compare_3d_on_the_command_line(scan, tmp_path, capsys):
     assert main(["compare", str(scan), "--3d", "--solvers", "tv-3d,no-such", "--out", str(tmp_path / "bad"),
                  *common]) == 2
     assert "no-such" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_thin_volume_has_no_coronal_or_sagittal_ssim_and_says_n_a(scan, tmp_path):
+    """SSIM's 7 x 7 window does not fit 4-slice coronal / sagittal images: n/a in the table, PSNR still given."""
+    report = compare_volume(scan, ["cg-sense"], [4], tmp_path, slices="0:4", figures=False,
+                            overrides={"cg-sense": {"max_iter": 5}}, **COMMON)
+    _, rows = _csv_rows(report.metrics_csv)
+    assert rows[1]["SSIM_coronal"] == rows[1]["SSIM_sagittal"] == "n/a" and float(rows[1]["SSIM_axial"]) > 0
+    assert float(rows[1]["PSNR_sagittal"]) > 0 and "nan" not in report.table()
+    assert any(line.startswith("plane metrics:") for line in report.summary_lines())
