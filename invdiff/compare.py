@@ -65,7 +65,7 @@ from invdiff.errors import InputError, UnsupportedOperatorError
 from invdiff.io import atomic_open, atomic_write_json, jsonable
 from invdiff.registry import check_solver_names, needs_prior
 from invdiff.samplers._common import timed
-from invdiff.tasks import Task, TaskImage, resolve_device, solve
+from invdiff.tasks import Task, resolve_device, solve
 
 log = logging.getLogger(__name__)
 
