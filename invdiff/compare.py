@@ -76,8 +76,6 @@ CSV_COLUMNS_3D = ("solver", "task", *(f"PSNR_{plane}" for plane in PLANES), *(f"
 SAFEGUARD_COLUMN = "safeguard"
 DEFAULT_SOLVERS = ("reddiff", "dps", "diffpir", "cg-sense", "l1-wavelet")
 DEFAULT_SOLVERS_3D = ("dds", "diffusion-mbir", "tv-3d", "reddiff", "cg-sense")
-# Registered solvers that cannot take a volume problem, and why (their rows read n/a under --3d).
-NOT_ON_VOLUMES = {"l1-wavelet": "its wavelet transform is 2-D (invdiff/samplers/baselines.py); use tv-3d"}
 DEFAULT_MRI_PRIOR = "brain-mri-complex"
 NOT_AVAILABLE = "n/a"
 
@@ -234,8 +232,6 @@ def volume_unsupported(solver: str) -> str | None:
     """Why ``solver`` cannot take a volume problem (its ``--3d`` row reads n/a), or None when it can."""
     from invdiff.registry import get_solver
 
-    if solver in NOT_ON_VOLUMES:
-        return NOT_ON_VOLUMES[solver]
     if get_solver(solver).metadata.get("prior") == "tokens":
         return "a token prior has no slice-wise form"
     if "budget" in settings.hyperparameters(solver):

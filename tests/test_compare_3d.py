@@ -79,7 +79,7 @@ def test_table_has_plane_metrics_time_memory_and_settings(report):
         assert json.loads(r["hyperparameters"]) == settings.effective(r["solver"], "mri", overrides, steps=3)
     assert json.loads(rows[1]["hyperparameters"])["lam"] == settings.TUNED["mri"]["dds"]["lam"].value
     assert int(rows[1]["NFE"]) == 3 and int(rows[2]["NFE"]) == 2 * 3 - 1        # MBIR: predictor + corrector
-    assert rows[-1]["PSNR_axial"] == "n/a" and "cannot take a volume" in rows[-1]["note"]
+    assert rows[-1]["PSNR_axial"] == "n/a" and "wavelet transform is 2-D" in rows[-1]["note"]
     for plane in ("axial", "coronal", "sagittal"):
         assert (report.out_dir / f"grid-4x-3d-{plane}.png").stat().st_size > 0
     record = json.loads(report.summary_json.read_text())

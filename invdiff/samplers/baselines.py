@@ -212,6 +212,9 @@ def sample_l1_wavelet(problem: InverseProblem, prior=None, *, lam: float = 1e-3,
     adjoint = op.A_adjoint(y)
     lipschitz = operator_norm_squared(op, adjoint)
     x = _starting_point(problem, init, adjoint, lipschitz)
+    if x.ndim != 4:
+        raise UnsupportedOperatorError(f"l1-wavelet: its wavelet transform is 2-D; the image is {x.ndim - 2}-D "
+                                       f"(shape {tuple(x.shape)}); use tv-3d for volumes")
     b, c, h, w = x.shape
     max_levels = pywt.dwt_max_level(min(h, w), pywt.Wavelet(wavelet).dec_len)
     transform = _OrthonormalWavelet((h, w), wavelet, max(1, min(levels, max_levels)))
