@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 # Lanczos iterations of the generic ``Cov^(1/2) v`` (the draws ``D + Cov^(1/2) xi`` of the SMC Tweedie proposal).
-# Measured on the d = 256 squared-exponential Gaussian prior of tests/test_smc_dimension.py through the generic path
-# (tests/test_smc_tweedie_network.py): see JacobianCovariance.sqrt.
+# Measured through the autodiff path on the d = 256 squared-exponential Gaussian prior of tests/test_smc_dimension.py,
+# sigma 0.01 .. 10: relative error of the root 3-6 % at 8 steps, 0.7-1.4 % at 16, 0.1 % at 32; the SMC posterior
+# variance ratio (N = 512) 0.992 at 8, 0.999 at 16 and 32 (closed form 0.999).
 LANCZOS_ITERATIONS = 16
 
 
