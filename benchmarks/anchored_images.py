@@ -15,6 +15,7 @@ multislice sample's slices), the ceiling of every token-prior row. ``--figure`` 
     python benchmarks/anchored_images.py --token-prior invdiff/priors/weights/tokens-brain.safetensors
     python benchmarks/anchored_images.py --token-prior runs/tokens --tasks mri-4x --inner-steps 30
     python benchmarks/anchored_images.py --tiny --token-prior runs/tokens-tiny      # seconds: 32 px images
+    python benchmarks/anchored_images.py --token-prior runs/tokens --size 96 --steps 8 --inner-steps 30   # CPU
 
 On one CPU core an APS reconstruction at 384 x 192 costs ~1500 decoder forward/backward passes (tens of
 minutes); on a GPU, seconds. Writes ``benchmarks/results/anchored_images-<date>[-tiny].json`` and ``.md``.
@@ -64,20 +65,20 @@ def _t1_image(size: int | None) -> np.ndarray:
     return image if size is None else block_average(image, size)
 
 
-def build_tasks(names, tiny: bool, workdir: Path) -> list[Task]:
+def build_tasks(names, tiny: bool, workdir: Path, size: int | None = None) -> list[Task]:
     from invdiff.datasets.synthetic import write_fake_fastmri
     from invdiff.operators.inpainting import box_mask, random_pixel_mask
 
-    image = _t1_image(32 if tiny else None)
+    image = _t1_image(32 if tiny else size)
     image = image[: image.shape[0] // 4 * 4, : image.shape[1] // 4 * 4]         # token grids need multiples of 4
     built = []
     for name in names:
         if name == "mri-4x":
             scan = REPO / "data" / "brain_t1_multicoil.h5"
-            if tiny:
+            if tiny or size is not None:
                 scan = workdir / "tiny_scan.h5"
                 write_fake_fastmri(scan, image, num_coils=4, noise_level=0.01 * float(image.max()), seed=0)
-            task = scan_tasks(scan, [4], center_fraction=0.17 if tiny else None)[0]
+            task = scan_tasks(scan, [4], center_fraction=0.17 if (tiny or size is not None) else None)[0]
         elif name == "sr-4x":
             task = superres_task(image, 4, name=name)
         elif name == "inpainting-box":
@@ -168,7 +169,7 @@ def run(args) -> dict:
     tokenizer_rows = tokenizer_round_trip(token_prior, args.tiny)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        tasks = build_tasks(args.tasks.split(","), args.tiny, Path(workdir))
+        tasks = build_tasks(args.tasks.split(","), args.tiny, Path(workdir), args.size)
         for index, task in enumerate(tasks):
             image = task.images[0]
             for name, (solver, kind, overrides) in ROWS.items():
@@ -195,7 +196,7 @@ def run(args) -> dict:
                     grid = token_prior.grid_for(task.in_shape)
                     out = Path(args.figure_dir) / f"aps_anchors-{task.name}{'-tiny' if args.tiny else ''}.png"
                     rows[-1]["figure"] = str(anchor_figure(recorder, task, grid, out))
-    return {"date": datetime.date.today().isoformat(), "token_prior": str(args.token_prior),
+    return {"date": datetime.date.today().isoformat(), "token_prior": str(args.token_prior), "size": args.size,
             "token_prior_metadata": getattr(token_prior, "metadata", {}), "tiny": args.tiny,
             "continuous_prior": "smooth_gaussian_prior (tiny)" if args.tiny else args.continuous_prior,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
@@ -205,7 +206,9 @@ def run(args) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"# APS on brain images ({report['date']}{', tiny' if report['tiny'] else ''})", "",
              f"Token prior `{report['token_prior']}`; continuous prior for RED-Diff: {report['continuous_prior']}; "
-             f"torch {report['torch']}, {report['threads']} thread(s). APS uses the L1 measurement loss only "
+             f"torch {report['torch']}, {report['threads']} thread(s); images "
+             f"{'the T1 slice at full size' if not report.get('size') else str(report['size']) + ' px (block-averaged T1 slice)'}. "
+             "APS uses the L1 measurement loss only "
              "(the paper's LPIPS term needs weights that cannot be had offline).", "",
              "| task | solver | PSNR | SSIM | seconds | nfe | decoder passes |", "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -229,6 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="32 px images and a synthetic 4-coil scan (smoke run)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="block-average the T1 image to SIZE px (mri-4x then uses a synthetic 4-coil scan of it)")
     parser.add_argument("--figure", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--figure-dir", default=str(FIGURES))
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/anchored_images-DATE)")
