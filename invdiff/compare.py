@@ -77,6 +77,7 @@ SAFEGUARD_COLUMN = "safeguard"
 DEFAULT_SOLVERS = ("reddiff", "dps", "diffpir", "cg-sense", "l1-wavelet")
 DEFAULT_SOLVERS_3D = ("dds", "diffusion-mbir", "tv-3d", "reddiff", "cg-sense")
 DEFAULT_MRI_PRIOR = "brain-mri-complex"
+DEFAULT_TOKEN_PRIOR = "tokens-brain"          # the shipped token prior of the token solvers (aps, masked-diffusion)
 NOT_AVAILABLE = "n/a"
 
 
@@ -123,11 +124,15 @@ def prior_for_solver(solver: str, prior, device: torch.device):
 
     if get_solver(solver).metadata.get("prior") != "tokens":
         return resolve_prior(prior, device)
-    if prior is None or not isinstance(prior, (str, Path)):
-        if prior is not None:
-            return prior
-        raise InputError(f"--solver {solver} needs a token prior and none ships yet: train one with `invdiff "
-                         f"train-prior --kind tokens ...` (invdiff/priors/tokens.py) and pass --prior PATH")
+    if prior is not None and not isinstance(prior, (str, Path)):
+        return prior
+    if prior is None:
+        from invdiff.priors.loading import shipped_token_priors
+        shipped = shipped_token_priors()
+        if not shipped:
+            raise InputError(f"--solver {solver} needs a token prior and none ships: train one with `invdiff "
+                             f"train-prior --kind tokens ...` (invdiff/priors/tokens.py) and pass --prior PATH")
+        prior = DEFAULT_TOKEN_PRIOR if DEFAULT_TOKEN_PRIOR in shipped else shipped[0]
     from invdiff.priors.tokens import load_token_prior
     try:
         return load_token_prior(prior, device=device)

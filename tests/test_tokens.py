@@ -116,6 +116,28 @@ def test_sample_prior_cli_draws_from_a_token_prior(run_folder, tmp_path):
                  "--spacing-mm", "1"]) == 2                          # not spacing-conditioned: one line, exit 2
 
 
+def test_a_shipped_token_prior_is_found_by_name_listed_and_the_token_solvers_default(run_folder, tmp_path,
+                                                                                      monkeypatch):
+    import shutil
+
+    from invdiff.compare import prior_for_solver
+    from invdiff.priors import loading
+    from invdiff.priors.tokens import is_token_prior
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("brain-mri-complex.json", "brain-mri-complex.safetensors"):      # a diffusion prior beside it
+        shutil.copy(loading.WEIGHTS_DIR / name, weights / name)
+    assert train_main(["--out", str(run_folder), "--export", str(weights / "tokens-brain")]) == 0
+    monkeypatch.setattr(loading, "WEIGHTS_DIR", weights)
+    assert loading.shipped_token_priors() == ["tokens-brain"]
+    assert loading.shipped_priors() == ["brain-mri-complex"]          # token priors are not diffusion priors
+    assert is_token_prior("tokens-brain") and not is_token_prior("brain-mri-complex")
+    assert loading.prior_info("tokens-brain")["format"] == "invdiff-token-prior"
+    prior = prior_for_solver("aps", None, torch.device("cpu"))           # the default of the token solvers
+    assert prior.num_codes == load_token_prior("tokens-brain").num_codes
+
+
 def test_positional_encodings_exist_for_any_grid_and_differ_between_positions():
     encoding = sinusoidal_grid(5, 7, 32)
     assert encoding.shape == (35, 32)

@@ -22,11 +22,34 @@ log = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def shipped_priors() -> list[str]:
-    """Names of the priors in ``invdiff/priors/weights`` (a ``<name>.json`` next to ``<name>.safetensors``)."""
+TOKEN_PRIOR_FORMAT = "invdiff-token-prior"      # the "format" of a token prior's JSON (invdiff.priors.tokens)
+
+
+def _shipped(token: bool) -> list[str]:
     if not WEIGHTS_DIR.is_dir():
         return []
-    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
+    names = []
+    for record in WEIGHTS_DIR.glob("*.json"):
+        if not record.with_suffix(".safetensors").is_file():
+            continue
+        try:
+            is_token = json.loads(record.read_text()).get("format") == TOKEN_PRIOR_FORMAT
+        except (OSError, ValueError):
+            is_token = False
+        if is_token == token:
+            names.append(record.stem)
+    return sorted(names)
+
+
+def shipped_priors() -> list[str]:
+    """Names of the diffusion (EDM UNet) priors in ``invdiff/priors/weights`` (a ``<name>.json`` next to
+    ``<name>.safetensors``); token priors are :func:`shipped_token_priors`."""
+    return _shipped(token=False)
+
+
+def shipped_token_priors() -> list[str]:
+    """Names of the masked token priors (APS) in ``invdiff/priors/weights``."""
+    return _shipped(token=True)
 
 
 def resolve_prior_files(name_or_path) -> tuple[Path, Path]:
@@ -45,8 +68,12 @@ def resolve_prior_files(name_or_path) -> tuple[Path, Path]:
 
 
 def prior_info(name_or_path) -> dict:
-    """The exported prior's JSON metadata (config, data, normalisation, steps, seed, sha256, ...)."""
-    json_path, _ = resolve_prior_files(name_or_path)
+    """The exported prior's JSON metadata (config, data, normalisation, steps, seed, sha256, ...; a token prior's:
+    both networks' configs, steps and commands)."""
+    if str(name_or_path) in shipped_token_priors():
+        json_path = WEIGHTS_DIR / f"{name_or_path}.json"
+    else:
+        json_path, _ = resolve_prior_files(name_or_path)
     try:
         return json.loads(json_path.read_text())
     except json.JSONDecodeError as err:
@@ -106,9 +133,17 @@ def load_prior(name_or_path, device="cpu") -> EDMUNet:
     return net.eval().requires_grad_(False).to(device)
 
 
+def _load_token_prior(name: str, device="cpu"):
+    from invdiff.priors.tokens import load_token_prior
+    return load_token_prior(name, device=device)
+
+
 def _register_shipped() -> None:
     for name in shipped_priors():
         register_prior(name, functools.partial(load_prior, name), kind="edm_unet",
+                       path=str(WEIGHTS_DIR / f"{name}.json"))
+    for name in shipped_token_priors():
+        register_prior(name, functools.partial(_load_token_prior, name), kind="tokens",
                        path=str(WEIGHTS_DIR / f"{name}.json"))
 
 

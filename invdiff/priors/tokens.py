@@ -300,9 +300,20 @@ def export_token_prior(run_dir, out_stem) -> Path:
     return weights
 
 
+def resolve_token_prior_path(name_or_path) -> Path:
+    """A shipped token prior's name (``invdiff/priors/weights/<name>.safetensors``) or a path, as a path."""
+    from invdiff.priors.loading import WEIGHTS_DIR, shipped_token_priors
+
+    text = str(name_or_path)
+    if not Path(text).exists() and text in shipped_token_priors():
+        return WEIGHTS_DIR / f"{text}.safetensors"
+    return Path(text)
+
+
 def is_token_prior(path) -> bool:
-    """Whether ``path`` is an exported token prior (its JSON says so) or a token run folder."""
-    path = Path(path)
+    """Whether ``path`` is a shipped token prior's name, an exported token prior (its JSON says so) or a token run
+    folder."""
+    path = resolve_token_prior_path(path)
     if path.is_dir():
         return all((path / f"{stage}.safetensors").exists() for stage in STAGES)
     record = path.with_suffix(".json")
@@ -315,8 +326,9 @@ def is_token_prior(path) -> bool:
 
 
 def load_token_prior(path, device="cpu") -> TokenModelPrior:
-    """A :class:`TokenModelPrior` from an exported ``.safetensors`` (or a run folder with both checkpoints)."""
-    path = Path(path)
+    """A :class:`TokenModelPrior` from a shipped name, an exported ``.safetensors`` (or a run folder with both
+    checkpoints)."""
+    path = resolve_token_prior_path(path)
     if path.is_dir():
         parts = {stage: _read_checkpoint(path / f"{stage}.safetensors") for stage in STAGES}
         tensors = {k: v for saved, _ in parts.values() for k, v in saved.items()}
