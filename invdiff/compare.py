@@ -537,16 +537,7 @@ def compare_scan(scan: str | Path, solvers: Sequence[str], accelerations: Sequen
     """
     from invdiff.tasks import scan_tasks
 
-    names = check_solver_names(solvers)
-    for solver, values in (overrides or {}).items():
-        check_solver_names([solver], flag="--set")
-        settings.effective(solver, "mri", values, steps=steps)            # validate before the heavy work
-    accelerations = [int(a) for a in accelerations]
-    if not accelerations or min(accelerations) < 1:
-        raise InputError(f"accelerations must be positive integers, got {accelerations}")
-    torch_device = resolve_device(device)
-    if not Path(scan).is_file():
-        raise InputError(f"{scan}: no such scan file")
+    names, accelerations, torch_device = _check_scan_request(scan, solvers, accelerations, overrides, steps, device)
     tasks = scan_tasks(scan, accelerations, slices=slices, device=torch_device, center_fraction=center_fraction,
                        mask_kind=mask_kind)
     loaded = resolve_prior(prior, torch_device) if any(needs_prior(name) for name in names) else None
@@ -554,6 +545,22 @@ def compare_scan(scan: str | Path, solvers: Sequence[str], accelerations: Sequen
                             progress=progress, title=Path(scan).name,
                             info={"scan": str(scan), "device": str(torch_device)}, figures=figures,
                             safeguard=safeguard)
+
+
+def _check_scan_request(scan, solvers, accelerations, overrides, steps, device):
+    """What a scan comparison (2-D or --3d) checks before any heavy work: solver names, every --set value against
+    the settings table, the accelerations, the device, the file; returns (names, accelerations, device)."""
+    names = check_solver_names(solvers)
+    for solver, values in (overrides or {}).items():
+        check_solver_names([solver], flag="--set")
+        settings.effective(solver, "mri", values, steps=steps)
+    accelerations = [int(a) for a in accelerations]
+    if not accelerations or min(accelerations) < 1:
+        raise InputError(f"accelerations must be positive integers, got {accelerations}")
+    torch_device = resolve_device(device)
+    if not Path(scan).is_file():
+        raise InputError(f"{scan}: no such scan file")
+    return names, accelerations, torch_device
 
 
 def compare_volume(scan: str | Path, solvers: Sequence[str], accelerations: Sequence[int], out_dir: str | Path, *,
@@ -574,16 +581,7 @@ def compare_volume(scan: str | Path, solvers: Sequence[str], accelerations: Sequ
     from invdiff.priors.base import SliceDenoiser
     from invdiff.tasks.volume import fastmri_volume_task
 
-    names = check_solver_names(solvers)
-    for solver, values in (overrides or {}).items():
-        check_solver_names([solver], flag="--set")
-        settings.effective(solver, "mri", values, steps=steps)            # validate before the heavy work
-    accelerations = [int(a) for a in accelerations]
-    if not accelerations or min(accelerations) < 1:
-        raise InputError(f"accelerations must be positive integers, got {accelerations}")
-    torch_device = resolve_device(device)
-    if not Path(scan).is_file():
-        raise InputError(f"{scan}: no such scan file")
+    names, accelerations, torch_device = _check_scan_request(scan, solvers, accelerations, overrides, steps, device)
     tasks = [fastmri_volume_task(scan, acceleration=acceleration, center_fraction=center_fraction,
                                  mask_kind=mask_kind, slices=slices, device=torch_device)
              for acceleration in accelerations]
