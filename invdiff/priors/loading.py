@@ -25,20 +25,19 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TOKEN_PRIOR_FORMAT = "invdiff-token-prior"      # the "format" of a token prior's JSON (invdiff.priors.tokens)
 
 
+def is_token_prior_record(json_path) -> bool:
+    """Whether ``json_path`` is the JSON of an exported token prior (its ``format`` says so)."""
+    try:
+        return json.loads(Path(json_path).read_text()).get("format") == TOKEN_PRIOR_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _shipped(token: bool) -> list[str]:
     if not WEIGHTS_DIR.is_dir():
         return []
-    names = []
-    for record in WEIGHTS_DIR.glob("*.json"):
-        if not record.with_suffix(".safetensors").is_file():
-            continue
-        try:
-            is_token = json.loads(record.read_text()).get("format") == TOKEN_PRIOR_FORMAT
-        except (OSError, ValueError):
-            is_token = False
-        if is_token == token:
-            names.append(record.stem)
-    return sorted(names)
+    return sorted(record.stem for record in WEIGHTS_DIR.glob("*.json")
+                  if record.with_suffix(".safetensors").is_file() and is_token_prior_record(record) == token)
 
 
 def shipped_priors() -> list[str]:

@@ -231,7 +231,7 @@ class MaskedTransformer(nn.Module):
         ratio = torch.cos(math.pi / 2 * torch.rand(batch, 1, generator=generator))
         count = (ratio * length).ceil().clamp(min=1)
         rank = torch.rand(batch, length, generator=generator).argsort(dim=1).argsort(dim=1)
-        mask = (rank < count).to(ids.device)                                                      # uniformly random positions
+        mask = (rank < count).to(ids.device)                                     # uniformly random positions
         logits = self(torch.where(mask, torch.full_like(ids, self.config.codes), ids), grid)
         loss = F.cross_entropy(logits[mask], ids[mask])
         accuracy = float((logits[mask].argmax(-1) == ids[mask]).float().mean())
@@ -287,7 +287,9 @@ def export_token_prior(run_dir, out_stem) -> Path:
     from safetensors.torch import save_file
 
     run_dir, out_stem = Path(run_dir), Path(out_stem)
-    tensors, metadata = {}, {"format": "invdiff-token-prior", "version": FORMAT_VERSION}
+    from invdiff.priors.loading import TOKEN_PRIOR_FORMAT
+
+    tensors, metadata = {}, {"format": TOKEN_PRIOR_FORMAT, "version": FORMAT_VERSION}
     for stage in STAGES:
         saved, meta = _read_checkpoint(run_dir / f"{stage}.safetensors")
         tensors.update({k: v for k, v in saved.items() if k.startswith(f"{stage}.")})
@@ -313,16 +315,12 @@ def resolve_token_prior_path(name_or_path) -> Path:
 def is_token_prior(path) -> bool:
     """Whether ``path`` is a shipped token prior's name, an exported token prior (its JSON says so) or a token run
     folder."""
+    from invdiff.priors.loading import is_token_prior_record
+
     path = resolve_token_prior_path(path)
     if path.is_dir():
         return all((path / f"{stage}.safetensors").exists() for stage in STAGES)
-    record = path.with_suffix(".json")
-    if not record.is_file():
-        return False
-    try:
-        return json.loads(record.read_text()).get("format") == "invdiff-token-prior"
-    except (OSError, ValueError):
-        return False
+    return is_token_prior_record(path.with_suffix(".json"))
 
 
 def load_token_prior(path, device="cpu") -> TokenModelPrior:
