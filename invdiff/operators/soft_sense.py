@@ -14,12 +14,9 @@ import torch
 
 from invdiff.operators.base import Operator
 from invdiff.operators.fft import complex_to_real, fft2c, ifft2c, real_to_complex
-from invdiff.operators.mri import (CoilMapsBuffer, _as_bool_mask, _check_batch, _check_mask_fits, _check_shape,
-                                   _mask_grid)
+from invdiff.operators.mri import (_NORMALISED_MAPS_TOL, CoilMapsBuffer, _as_bool_mask, _check_batch,
+                                   _check_mask_fits, _check_shape, _mask_grid)
 from invdiff.registry import register_operator
-
-# ||A||^2 = max over pixels of the largest eigenvalue of S(r)^H S(r) (M x M); orthonormal ESPIRiT sets give 1.
-_NORMALISED_TOL = 1e-5
 
 
 def _example() -> "SoftSenseMRI":
@@ -56,9 +53,10 @@ class SoftSenseMRI(CoilMapsBuffer, Operator):
         self.img_size = (int(coil_maps.shape[-2]), int(coil_maps.shape[-1]))
         _check_mask_fits(mask, self.img_size)
         self.register_buffer("mask", mask.clone())
+        # ||A||^2 = max over pixels of the largest eigenvalue of S(r)^H S(r) (M x M); orthonormal ESPIRiT sets give 1.
         per_pixel = coil_maps.to(torch.complex128).permute(0, 3, 4, 2, 1)           # (B, H, W, C, M)
         gram = per_pixel.conj().transpose(-1, -2) @ per_pixel                        # (B, H, W, M, M)
-        self.normalized = bool(torch.linalg.eigvalsh(gram).max() <= 1 + _NORMALISED_TOL)
+        self.normalized = bool(torch.linalg.eigvalsh(gram).max() <= 1 + _NORMALISED_MAPS_TOL)
 
     @property
     def num_maps(self) -> int:
