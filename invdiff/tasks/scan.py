@@ -278,7 +278,7 @@ def scan_slice(scan, index: int, mask: np.ndarray, *, device: torch.device | str
             if np.shape(maps_mask) != np.shape(mask):
                 raise InputError(f"maps_mask: expected {np.shape(mask)} like the mask, got {np.shape(maps_mask)}")
             maps_from = np.asarray(maps_mask, dtype=bool)
-        calibration = check_calibration(scan, maps_from)
+            calibration = check_calibration(scan, maps_from)
         maps = slice_coil_maps(np.where(maps_from, kspace, 0), calibration,
                                cache_key=(str(scan.path), index, calibration))
         operator = SenseMRI(mask=mask_t, coil_maps=torch.from_numpy(maps).to(device)[None])
@@ -342,6 +342,7 @@ def scan_tasks(scan_path: str | Path, accelerations: Sequence[int], *, slices: s
     return tasks
 
 
-__all__ = ["RetrospectiveAcquisition", "calibration_block", "slice_coil_maps", "scan_mask", "scan_slice", "scan_images", "scan_tasks", "parse_slices", "estimate_noise_sigma",
+__all__ = ["RetrospectiveAcquisition", "calibration_block", "slice_coil_maps", "scan_mask", "scan_slice", "scan_images",
+           "scan_tasks", "parse_slices", "estimate_noise_sigma",
            "calibration_width", "check_calibration", "pixel_spacing_mm", "default_center_fraction",
            "STANDARD_CENTER_FRACTIONS", "NORMALISATION_PERCENTILE", "MIN_CALIBRATION_LINES", "MASK_KINDS"]
