@@ -89,7 +89,8 @@ def write_scans(workdir: Path, size: int, noise: float, seed: int) -> dict[str, 
     return scans
 
 
-def run_case(scan: Path, acceleration: int, seed: int) -> list[dict]:
+def run_case(scan: Path, acceleration: int, seed: int) -> tuple[list[dict], int]:
+    """The rows of one scan and acceleration (before and after), and the calibration lines of the mask."""
     with square_calibration_only():
         before = scan_tasks(scan, [acceleration])[0].images[0]
     image = scan_tasks(scan, [acceleration])[0].images[0]
