@@ -17,8 +17,9 @@ registered defaults) is measured for
   images at the task's shape (median of a few passes after a warm-up); the goal is <= 1.2. The same ratio per
   network call (wall / NFE) is reported beside it, to separate extra calls from per-call overhead;
 
-and RED-Diff (``reddiff``, the same ``--steps``, the task family's row of :mod:`invdiff.settings`
-as in ``benchmarks/run.py``) gives wall seconds and PSNR/SSIM, and SMC's wall time over RED-Diff's.
+and RED-Diff (``reddiff``, the same ``--steps`` unless ``--reddiff-steps`` is given, the task family's row of
+:mod:`invdiff.settings` as in ``benchmarks/run.py``) gives wall seconds and PSNR/SSIM, and SMC's wall time over
+RED-Diff's.
 
 Calibration is measured in the image domain of the metrics. For CT, ``to_image`` is the real image, so the std
 map is the sampler's own ``diagnostics["std"]``. For MRI and inpainting it is the magnitude of the centre crop,
@@ -325,7 +326,8 @@ def markdown(report: dict) -> str:
     lines = [f"# SMC on image tasks, next to RED-Diff ({report['date']}, {report['device']})", "",
              f"Command: `{report['command']}`. SMC: N = {smc['num_particles']} particles, {smc['steps']} steps, "
              f"variant {smc['variant']}, other arguments at their defaults{_overrides_text(report)}; RED-Diff: "
-             f"{report['steps']} steps with the task-family settings. Seed {report['seed']} (generator seed * {SEED_STRIDE} + image index). "
+             f"{report.get('reddiff_steps', report['steps'])} steps with the task-family settings. "
+             f"Seed {report['seed']} (generator seed * {SEED_STRIDE} + image index). "
              f"Priors: {priors}. Device {report['device']} ({report['device_name']}), torch "
              f"{report['torch_version']}, {report['threads']} thread(s), network dtype {report['network_dtype']}; "
              f"1-minute load average {report['load_average_start']} at the start, {report['load_average_end']} at "
@@ -389,6 +391,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--particles", type=int, default=16, help="SMC particles N (default 16)")
     parser.add_argument("--steps", type=int, default=None, help="steps of SMC and RED-Diff (100; quick: 20)")
+    parser.add_argument("--reddiff-steps", type=int, default=None,
+                        help="RED-Diff's steps when they should differ from SMC's (a few SMC steps are affordable "
+                             "on a CPU where RED-Diff at so few steps is broken; default: --steps)")
     parser.add_argument("--mri-prior", default=None, help="MRI prior name or exported .json (brain-mri-complex)")
     parser.add_argument("--ct-prior", default=None, help="CT prior name or exported .json (ct-phantom)")
     parser.add_argument("--network-dtype", choices=["float32", "bfloat16"], default=None,
@@ -416,7 +421,8 @@ def main(argv=None) -> dict:
         if solver not in ("smc", "reddiff"):
             raise ValueError(f"--set {solver}:...: this benchmark runs smc and reddiff only")
     for option, value in (("--particles", args.particles), ("--threads", args.threads), ("--repeats", args.repeats),
-                          ("--steps", args.steps if args.steps is not None else 1)):
+                          ("--steps", args.steps if args.steps is not None else 1),
+                          ("--reddiff-steps", args.reddiff_steps if args.reddiff_steps is not None else 1)):
         if value < 1:
             raise ValueError(f"{option} must be a positive integer, got {value}")
     from invdiff.samplers.smc import PROPOSALS
@@ -432,6 +438,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     steps = args.steps or (20 if args.quick else 100)
+    reddiff_steps = args.reddiff_steps or steps
     dtype = _network_dtype(args.network_dtype, device)
     load_start = load_average()
     loaded = {} if args.quick else load_priors(args, names, device, dtype)
@@ -444,7 +451,8 @@ def main(argv=None) -> dict:
             "date": date, "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                                   if device.type == "cuda" else platform.processor()
                                                                   or platform.machine()),
-            "quick": args.quick, "steps": steps, "seed": args.seed, "threads": torch.get_num_threads(),
+            "quick": args.quick, "steps": steps, "reddiff_steps": reddiff_steps, "seed": args.seed,
+            "threads": torch.get_num_threads(),
             "network_dtype": str(dtype).replace("torch.", ""), "torch_version": torch.__version__,
             "invdiff_version": invdiff.__version__, "cpu_count": os.cpu_count(),
             "load_average_start": load_start, "load_average_end": load_average(),
@@ -482,7 +490,7 @@ def main(argv=None) -> dict:
             reddiff = None
             for proposal in proposals:
                 row = measure_smc(task, prior, args.particles, steps, args.seed, proposal)
-                reddiff = reddiff or measure_reddiff(task, prior, steps, args.seed)     # once per task
+                reddiff = reddiff or measure_reddiff(task, prior, reddiff_steps, args.seed)     # once per task
                 row["reddiff"] = reddiff
                 red_wall = reddiff["wall_seconds"]
                 row.update(batch_pass_seconds=batch_pass,
