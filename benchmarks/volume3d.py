@@ -10,7 +10,8 @@ DDS, DiffusionMBIR (``brain-mri-complex`` prior). Each row: PSNR / SSIM in the a
 evaluations per slice. ``--depths`` measures the cost of DDS at several depths instead (how it scales).
 
 On CPU every solver runs in a fresh process (``--isolate``, default there) so its peak resident memory is its own
-(``ru_maxrss``; the row also gives the process's resident size before the solve). With ``--device cuda`` the network
+(:mod:`invdiff.memory`: the peak resident size during the solve; the row also gives the process's resident size
+before it). With ``--device cuda`` the network
 runs under bf16 autocast (``--no-bf16`` for fp32), slices go through it ``--chunk`` at a time (default 64 on CUDA),
 and peak memory is ``torch.cuda.max_memory_allocated``.
 
@@ -117,7 +118,7 @@ def run_job(spec: dict) -> dict:
     import invdiff
     from invdiff.priors.base import SliceDenoiser
     from invdiff.registry import needs_prior
-    from invdiff.samplers.volume3d import peak_memory_bytes
+    from invdiff.memory import peak_bytes, reset_peak, resident_bytes
     from invdiff.settings import effective
     from invdiff.tasks import solve
     from invdiff.tasks.volume import plane_metrics
@@ -138,9 +139,8 @@ def run_job(spec: dict) -> dict:
         prior = SliceDenoiser(prior, chunk=spec["chunk"])
         if "chunk" in hyperparameters:
             hyperparameters["chunk"] = spec["chunk"]
-    baseline_memory = peak_memory_bytes(image.problem.y) if device.type == "cpu" else 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    baseline_memory = resident_bytes() if device.type == "cpu" else 0
+    memory_source = reset_peak(device)
     start = time.perf_counter()
     solution = solve(image, solver, prior, hyperparameters, seed=spec["seed"])
     if device.type == "cuda":
@@ -155,7 +155,7 @@ def run_job(spec: dict) -> dict:
             "psnr": metrics["psnr"], "ssim": metrics["ssim"], "volume_psnr": metrics["volume_psnr"],
             "seconds": seconds, "network_seconds": diagnostics.get("network_seconds"),
             "nfe_per_slice": diagnostics.get("nfe", 0), "slice_evaluations": diagnostics.get("slice_evaluations", 0),
-            "peak_memory_bytes": peak_memory_bytes(image.problem.y),
+            "peak_memory_bytes": peak_bytes(device), "peak_memory_source": memory_source,
             "memory_before_solve_bytes": baseline_memory,
             "final_residual_norm": residuals[-1] if residuals else None,
             "hyperparameters": {k: v for k, v in hyperparameters.items()}, "seed": spec["seed"],
@@ -265,8 +265,9 @@ def main(argv=None) -> dict:
                  row["seconds"], row["peak_memory_bytes"] / 2 ** 20)
         rows.append(row)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    note = ("CPU peak memory: the solving process's peak RSS (ru_maxrss) including torch and the prior; "
-            "'before solve' is the same process after building the task and loading the prior."
+    note = ("CPU peak memory: the solving process's peak RSS during the solve (invdiff.memory; each row gives its "
+            "source), including torch and the prior; 'before solve' is the same process's RSS after building the "
+            "task and loading the prior."
             if device.type == "cpu" else f"CUDA peak memory: max_memory_allocated; network in {'bf16 autocast' if args.bf16 else 'fp32'}.")
     result = {"date": datetime.date.today().isoformat(), "device": str(device), "device_name": device_name,
               "torch": torch.__version__, "threads": args.threads, "load_start": round(load_start, 2),

@@ -63,6 +63,7 @@ import invdiff
 from invdiff import settings
 from invdiff.errors import InputError, UnsupportedOperatorError
 from invdiff.io import atomic_open, atomic_write_json, jsonable
+from invdiff.memory import peak_memory
 from invdiff.registry import check_solver_names, needs_prior
 from invdiff.samplers._common import timed
 from invdiff.tasks import Task, resolve_device, solve
@@ -242,51 +243,6 @@ def volume_unsupported(solver: str) -> str | None:
     if "budget" in settings.hyperparameters(solver):
         return "an active solver chooses the lines of one 2-D scan"
     return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak resident size (Linux: ``5 > /proc/self/clear_refs``); False where that is refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from invdiff.samplers.volume3d import peak_memory_bytes
-    return peak_memory_bytes(torch.zeros(()))
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device | str):
-    """The peak memory of a block: yields a dict that gets ``bytes`` and ``source`` when the block ends.
-
-    CUDA: ``max_memory_allocated`` (reset first). CPU: the process's peak resident size over the block where Linux
-    lets it be reset (so it includes what was loaded before: torch, the prior), else its lifetime peak (an upper
-    bound, said so in ``source``)."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        source = "CUDA max_memory_allocated"
-    elif _reset_peak_rss():
-        source = "peak resident size of the process during the solve (VmHWM, reset before it)"
-    else:
-        source = "peak resident size of the process so far (ru_maxrss; could not be reset: an upper bound)"
-    record: dict = {"source": source}
-    try:
-        yield record
-    finally:
-        record["bytes"] = int(torch.cuda.max_memory_allocated(device)) if cuda else _peak_rss()
 
 
 def run_solver(task: Task, solver: str, *, prior=None, seed: int = 0, steps: int | None = None,

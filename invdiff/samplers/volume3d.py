@@ -42,22 +42,21 @@ step by step, a known improvement for 2-D priors on volumes (the prior must then
 slices of the other shapes); the TV stays along z.
 
 Diagnostics: ``nfe`` (prior calls on the volume = network evaluations per slice), ``slice_evaluations`` (all 2-D
-network evaluations), ``seconds``, ``network_seconds``, ``peak_memory_bytes`` (CUDA: ``max_memory_allocated``
-during the run; CPU: the process's peak resident size, ``ru_maxrss``, an upper bound), ``residual_norm``
+network evaluations), ``seconds``, ``network_seconds``, ``peak_memory_bytes`` (:mod:`invdiff.memory`: CUDA's
+``max_memory_allocated`` during the run; CPU: the process's peak resident size during it), ``residual_norm``
 (``||A x - y||`` after each step's data step, batch mean), ``cg_residual`` (CG's relative residual per step).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import resource
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
 from invdiff.errors import UnsupportedOperatorError
+from invdiff.memory import peak_bytes, reset_peak
 from invdiff.operators.base import conjugate_gradient
 from invdiff.priors.base import Denoiser, SliceDenoiser
 from invdiff.problem import InverseProblem
@@ -170,19 +169,6 @@ def _residual_norm(problem: InverseProblem, x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(r.reshape(r.shape[0], -1), dim=1).mean())
 
 
-def _reset_peak(like: torch.Tensor) -> None:
-    if like.is_cuda:
-        torch.cuda.reset_peak_memory_stats(like.device)
-
-
-def peak_memory_bytes(like: torch.Tensor) -> int:
-    """Peak memory of the run: CUDA's ``max_memory_allocated`` on a GPU, else the process's peak RSS."""
-    if like.is_cuda:
-        return int(torch.cuda.max_memory_allocated(like.device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
 @dataclass
 class VolumeRun:
     """What DiffusionMBIR and DDS set up alike, and the ADMM-TV_z state they carry across steps.
@@ -222,7 +208,7 @@ class VolumeRun:
         """The samplers' common diagnostics (module docstring) plus ``extra``; after the run's block has closed."""
         return {"nfe": self.calls.nfe, "slice_evaluations": self.calls.nfe * x.shape[0] * x.shape[2],
                 "seconds": self.wall.seconds, "network_seconds": self.calls.seconds,
-                "peak_memory_bytes": peak_memory_bytes(x), "steps": len(self.sigmas) - 1,
+                "peak_memory_bytes": peak_bytes(x.device), "steps": len(self.sigmas) - 1,
                 "sigmas": self.sigmas.tolist(), **extra, "residual_norm": self.residuals,
                 "cg_residual": self.cg_residuals}
 
@@ -232,10 +218,10 @@ def volume_run(problem: InverseProblem, prior: Denoiser, *, steps: int, chunk: i
                sigma_max: float | None, generator) -> Iterator[VolumeRun]:
     """The shared set-up of DiffusionMBIR and DDS, as a timed, gradient-free block: the slice prior (``chunk``
     slices per call), the schedule, ``A^T y``, the noise start ``sigmas[0] n`` (the generator's first draw) and the
-    ADMM variables at zero. ``run.wall`` times the block (peak memory is reset first on CUDA)."""
+    ADMM variables at zero. ``run.wall`` times the block (the peak memory is reset first)."""
     volume_prior = as_slice_prior(prior, chunk)
     like = _volume_state(problem)
-    _reset_peak(like)
+    reset_peak(like.device)
     with timed(problem.y) as wall, torch.no_grad():
         sigmas = sigma_schedule(volume_prior, steps, sigma_min, sigma_max, like)
         adjoint_y = problem.operator.A_adjoint(problem.y)
@@ -393,4 +379,4 @@ def sample_tv_3d(problem: InverseProblem, prior=None, *, lam: float = 1e-2, max_
             notify(callback, i, max_iter, {"x": x, "sigma": torch.zeros(())})
     return SampleResult(x=x, diagnostics={"nfe": 0, "seconds": wall.seconds, "lam": lam, "iterations": max_iter,
                                           "init": init, "operator_norm_squared": lipschitz,
-                                          "peak_memory_bytes": peak_memory_bytes(x)})
+                                          "peak_memory_bytes": peak_bytes(x.device)})
