@@ -64,7 +64,7 @@ def test_device_option_and_bad_input_are_one_line_errors(tmp_path):
                         *TINY_TOKENIZER])
     with pytest.raises(InputError, match="--stage"):
         train_main(["--out", str(fresh)])
-    with pytest.raises(InputError, match="multiple of 4"):
+    with pytest.raises(InputError, match="multiple of --downsampling"):
         train_main(["--stage", "tokenizer", "--out", str(fresh), "--size", "18"])
 
 
@@ -159,3 +159,23 @@ def test_image_benchmark_runs_tiny_on_the_exported_prior(run_folder, tmp_path):
     report = json.loads(stem.with_suffix(".json").read_text())
     assert [row["row"] for row in report["rows"]] == list(anchored_images.ROWS)
     assert len(report["tokenizer"]) == 5 and (tmp_path / "aps_anchors-sr-4x-tiny.png").is_file()
+
+
+def test_a_finer_tokenizer_has_four_times_the_tokens_and_trains_a_transformer_on_them(tmp_path):
+    """--downsampling 2: one stride-2 stage, an (H/2, W/2) grid; the transformer stage takes the tokenizer's factor,
+    the export keeps it, and a prior exported before the option existed (no key in its config) is read as 4."""
+    coarse, fine = VQTokenizer(TokenizerConfig(width=16, codes=8)), VQTokenizer(TokenizerConfig(width=16, codes=8,
+                                                                                                 downsampling=2))
+    x = torch.randn(2, 2, 16, 24)
+    assert coarse.encode(x).shape == (2, 4 * 6) and fine.encode(x).shape == (2, 8 * 12)
+    assert fine.decode(fine.codebook[fine.encode(x)], (8, 12)).shape == x.shape
+    folder = tmp_path / "fine"
+    assert train_main(["--stage", "tokenizer", "--out", str(folder), "--steps", "4", "--downsampling", "2",
+                       *TINY_TOKENIZER]) == 0
+    assert train_main(["--stage", "transformer", "--out", str(folder), "--steps", "4", *TINY_TRANSFORMER]) == 0
+    prior = load_token_prior(folder)
+    assert prior.downsampling == 2 and prior.grid_for((1, 2, 16, 24)) == (8, 12)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        prior.grid_for((1, 2, 15, 24))
+    legacy = {k: v for k, v in TokenizerConfig().to_dict().items() if k != "downsampling"}
+    assert TokenizerConfig(**legacy).downsampling == 4

@@ -4,8 +4,10 @@ The protocol (:class:`TokenPrior`) is what the token samplers (``aps``, ``masked
 ``invdiff.samplers.anchored``) talk to; :class:`TokenModelPrior` implements it with two small networks, and
 ``invdiff.priors.tokens_oracle.DiscreteOracle`` with an exact enumerated joint.
 
-Tokenizer (VQ-VAE, van den Oord et al. 2017), fully convolutional, downsampling ``4x`` (two stride-2 stages):
-``z_e = Enc(x)`` (B, D, H/4, W/4); ``z_q = c_{argmin_k ||z_e - c_k||}`` per position; ``x_hat = Dec(z_q)``;
+Tokenizer (VQ-VAE, van den Oord et al. 2017), fully convolutional, downsampling ``f = 4`` (two stride-2 stages;
+``--downsampling 2``: one, four times the tokens per image; the round trip ``Dec(Q(Enc(x)))`` is the ceiling of
+every token reconstruction, and at f = 4 it sits at the level of zero-filled 4x MRI):
+``z_e = Enc(x)`` (B, D, H/f, W/f); ``z_q = c_{argmin_k ||z_e - c_k||}`` per position; ``x_hat = Dec(z_q)``;
 loss ``||x_hat - x||^2 + ||sg(z_e) - z_q||^2 + beta ||z_e - sg(z_q)||^2`` (beta 0.25) with the straight-through
 gradient ``z_e + sg(z_q - z_e)``; codes unused for ``dead_after`` steps are restarted at random encoder outputs
 of the current batch (keeps the whole codebook in use on a small model). ``Dec`` is a plain function of the
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STAGES = ("tokenizer", "transformer")
-DOWNSAMPLING = 4
+DOWNSAMPLINGS = (2, 4)
 
 
 # ---- the protocol ----------------------------------------------------------------------------------------
@@ -102,6 +104,7 @@ class TokenizerConfig:
     code_dim: int = 8
     beta: float = 0.25
     dead_after: int = 200
+    downsampling: int = 4            # image pixels per token side; 2 or 4 (exports before it existed: 4)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,20 +134,24 @@ class _ResBlock(nn.Module):
 
 
 class VQTokenizer(nn.Module):
-    """Fully convolutional VQ-VAE: (B, C, H, W) <-> (B, H/4, W/4) code ids; H and W multiples of 4."""
+    """Fully convolutional VQ-VAE: (B, C, H, W) <-> (B, H/f, W/f) code ids, ``f = config.downsampling``; H and W
+    multiples of f. The layers are built in the same order for every f (f = 4 keeps the first exports' keys)."""
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
+        if config.downsampling not in DOWNSAMPLINGS:
+            raise ValueError(f"tokenizer downsampling must be one of {DOWNSAMPLINGS}, got {config.downsampling}")
         self.config = config
         w, c = config.width, config.channels
+        stages = int(math.log2(config.downsampling))
+        down = [layer for _ in range(stages) for layer in (nn.Conv2d(w, w, 4, stride=2, padding=1), _ResBlock(w))]
+        up = [layer for _ in range(stages)
+              for layer in (nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w, 3, padding=1), _ResBlock(w))]
         self.encoder = nn.Sequential(
-            nn.Conv2d(c, w, 3, padding=1), _ResBlock(w), nn.Conv2d(w, w, 4, stride=2, padding=1),
-            _ResBlock(w), nn.Conv2d(w, w, 4, stride=2, padding=1), _ResBlock(w),
+            nn.Conv2d(c, w, 3, padding=1), _ResBlock(w), *down,
             nn.GroupNorm(8, w), nn.SiLU(), nn.Conv2d(w, config.code_dim, 1))
         self.decoder = nn.Sequential(
-            nn.Conv2d(config.code_dim, w, 3, padding=1), _ResBlock(w),
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w, 3, padding=1), _ResBlock(w),
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w, 3, padding=1), _ResBlock(w),
+            nn.Conv2d(config.code_dim, w, 3, padding=1), _ResBlock(w), *up,
             nn.GroupNorm(8, w), nn.SiLU(), nn.Conv2d(w, c, 3, padding=1))
         self.codebook = nn.Parameter(torch.randn(config.codes, config.code_dim) * 0.1)
         self.register_buffer("last_used", torch.zeros(config.codes, dtype=torch.long))
@@ -158,12 +165,12 @@ class VQTokenizer(nn.Module):
         return distances.argmin(dim=1).reshape(z.shape[:-1])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, H/4 * W/4) ids, row-major."""
+        """(B, C, H, W) -> (B, H/f * W/f) ids, row-major."""
         z = self.encoder(x).permute(0, 2, 3, 1)                                  # (B, h, w, D)
         return self.nearest(z).reshape(x.shape[0], -1)
 
     def decode(self, embeddings: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, L, D) embeddings on an (h, w) grid -> (B, C, 4h, 4w); differentiable in the embeddings."""
+        """(B, L, D) embeddings on an (h, w) grid -> (B, C, f h, f w); differentiable in the embeddings."""
         h, w = grid
         return self.decoder(embeddings.reshape(embeddings.shape[0], h, w, -1).permute(0, 3, 1, 2))
 
@@ -243,7 +250,7 @@ class TokenModelPrior(TokenPrior):
     """A :class:`VQTokenizer` and a :class:`MaskedTransformer` behind the :class:`TokenPrior` protocol.
 
     >>> prior = TokenModelPrior(VQTokenizer(TokenizerConfig()), MaskedTransformer(TransformerConfig()))
-    >>> ids = prior.encode(x)                                  # (B, H/4 * W/4)
+    >>> ids = prior.encode(x)                                  # (B, H/f * W/f), f = tokenizer's downsampling
     >>> logits = prior.logits(ids, mask, prior.grid_for(x.shape))
     """
 
@@ -260,11 +267,15 @@ class TokenModelPrior(TokenPrior):
     def codebook(self) -> torch.Tensor:
         return self.tokenizer.codebook
 
+    @property
+    def downsampling(self) -> int:
+        return int(self.tokenizer.config.downsampling)
+
     def grid_for(self, image_shape) -> tuple[int, int]:
-        height, width = int(image_shape[-2]), int(image_shape[-1])
-        if height % DOWNSAMPLING or width % DOWNSAMPLING:
-            raise ValueError(f"the token prior needs H and W multiples of {DOWNSAMPLING}; got {height} x {width}")
-        return height // DOWNSAMPLING, width // DOWNSAMPLING
+        height, width, f = int(image_shape[-2]), int(image_shape[-1]), self.downsampling
+        if height % f or width % f:
+            raise ValueError(f"the token prior needs H and W multiples of {f}; got {height} x {width}")
+        return height // f, width // f
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.encode(x)
@@ -426,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=48, help="tokenizer conv width")
     p.add_argument("--codes", type=int, default=256, help="codebook size K")
     p.add_argument("--code-dim", type=int, default=8, help="code embedding dimension D")
+    p.add_argument("--downsampling", type=int, default=4, choices=DOWNSAMPLINGS,
+                   help="image pixels per token side (tokenizer stage; the transformer stage takes the tokenizer's)")
     p.add_argument("--dim", type=int, default=128, help="transformer width")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -452,8 +465,8 @@ def train_main(argv=None) -> int:
         return 0
     if args.stage is None:
         raise InputError("train-prior --kind tokens: give --stage tokenizer|transformer (or --export NAME)")
-    if args.size % DOWNSAMPLING:
-        raise InputError(f"--size must be a multiple of {DOWNSAMPLING}, got {args.size}")
+    if args.size % args.downsampling:
+        raise InputError(f"--size must be a multiple of --downsampling ({args.downsampling}), got {args.size}")
     out.mkdir(parents=True, exist_ok=True)
     return train_stage(args, out)
 
@@ -466,7 +479,8 @@ def train_stage(args, out: Path) -> int:
     checkpoint = out / f"{args.stage}.safetensors"
     device = resolve_device(getattr(args, "device", "cpu"))
     generator = torch.Generator().manual_seed(args.seed)
-    tok_config = TokenizerConfig(channels=args.channels, width=args.width, codes=args.codes, code_dim=args.code_dim)
+    tok_config = TokenizerConfig(channels=args.channels, width=args.width, codes=args.codes, code_dim=args.code_dim,
+                                 downsampling=args.downsampling)
     tokenizer = VQTokenizer(tok_config)
     if args.stage == "tokenizer":
         model, config, lr = tokenizer, tok_config, args.lr or 1e-3
@@ -483,7 +497,8 @@ def train_stage(args, out: Path) -> int:
     command = getattr(args, "command", "")
     if checkpoint.exists():                                                      # resume
         saved, meta = _read_checkpoint(checkpoint)
-        if meta["config"] != config.to_dict() or meta["data"] != [args.data, args.channels, args.size, args.batch]:
+        saved_config = type(config)(**meta["config"]).to_dict()          # fields added since: their defaults
+        if saved_config != config.to_dict() or meta["data"] != [args.data, args.channels, args.size, args.batch]:
             raise InputError(f"{checkpoint}: saved with config {meta['config']} / data {meta['data']}; this command "
                              f"asks for {config.to_dict()} / {[args.data, args.channels, args.size, args.batch]}")
         model.load_state_dict({k[len(args.stage) + 1:]: v for k, v in saved.items() if k.startswith(args.stage + ".")})
@@ -519,7 +534,7 @@ def train_stage(args, out: Path) -> int:
             else:
                 with torch.no_grad():
                     ids = tokenizer.encode(x)
-                loss, record = model.loss(ids, (args.size // DOWNSAMPLING,) * 2, generator)
+                loss, record = model.loss(ids, (args.size // tokenizer.config.downsampling,) * 2, generator)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
