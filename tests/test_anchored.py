@@ -174,3 +174,20 @@ def test_same_generator_same_tokens():
     first = sample_aps(batch, oracle, steps=4, inner_steps=5, generator=torch.Generator().manual_seed(4))
     again = sample_aps(batch, oracle, steps=4, inner_steps=5, generator=torch.Generator().manual_seed(4))
     assert torch.equal(first.diagnostics["tokens"], again.diagnostics["tokens"])
+
+
+def test_encoder_anchor_starts_the_tilt_at_the_tokens_of_the_adjoint_image():
+    """With a strong ``encoder_anchor`` and no inner steps APS commits ``Enc(A^T y)`` (here A = I, so the tokens of
+    the noiseless image); without it the same call commits the prior's choices, which differ on this case."""
+    generator = torch.Generator().manual_seed(3)
+    oracle = DiscreteOracle.random(grid=(2, 3), num_codes=8, generator=generator)
+    d = math.prod(oracle.image_shape)
+    operator = MatrixOperator(torch.eye(d, dtype=torch.float64), in_shape=oracle.image_shape)
+    truth = oracle.sample(4, generator)
+    problem = InverseProblem(operator, operator.A(oracle.decode_ids(truth)), 0.1)
+    anchored = sample_aps(problem, oracle, steps=3, inner_steps=0, encoder_anchor=1e3).diagnostics["tokens"]
+    assert torch.equal(anchored, oracle.encode(operator.A_adjoint(problem.y))) and torch.equal(anchored, truth)
+    plain = sample_aps(problem, oracle, steps=3, inner_steps=0).diagnostics["tokens"]
+    assert not torch.equal(plain, truth)
+    with pytest.raises(ValueError, match="encoder_anchor"):
+        sample_aps(problem, oracle, encoder_anchor=-1.0)

@@ -162,14 +162,16 @@ def _check(steps, name, value, allowed):
 def sample_aps(problem: InverseProblem, prior, *, steps: int = 15, inner_steps: int = 100, lr: float = 0.1,
                schedule: str = "cosine", loss: str = "l1", prior_weight: float = 0.0,
                quantized_expectation: bool = True, remasking: str = "anchored", confidence_noise: float = 0.0,
-               generator=None, callback=None) -> SampleResult:
+               encoder_anchor: float = 0.0, generator=None, callback=None) -> SampleResult:
     """APS: per outer step, tilt ``log P`` by ``inner_steps`` Adam steps on the measurement loss through the
     decoder of the quantized expectation, then commit the most confident anchors (module docstring).
 
     problem: y (B, ...), operator on (B, C, H, W) images; prior: a :class:`~invdiff.priors.tokens.TokenPrior`.
     Defaults: the paper's 15 outer x 100 inner steps, L1 loss (its LPIPS term left out), cosine schedule;
     ``lr`` (Adam on logits; the paper gives none) is ours; ``confidence_noise`` > 0 adds MaskGIT's annealed
-    Gumbel noise to the log-confidence (0: the paper's deterministic ranking). ``generator``: a
+    Gumbel noise to the log-confidence (0: the paper's deterministic ranking). ``encoder_anchor`` > 0 (ours, not
+    the paper's; 0 by default) starts every tilt at ``log P + encoder_anchor * onehot(Enc(A^T y))``: the tokens of
+    the adjoint image (zero-filled for MRI) as an amortised first guess the inner steps move from. ``generator``: a
     ``torch.Generator`` (the first of a sequence) for the Gumbel draws. Returns ``SampleResult(x=Dec(c_tokens))``
     with diagnostics ``nfe`` (token-model calls), ``decoder_calls``, ``seconds``, ``network_seconds``, ``tokens``
     (B, L), ``loss`` (final inner loss per outer step, batch mean), ``committed`` (positions committed per step)
@@ -182,9 +184,9 @@ def sample_aps(problem: InverseProblem, prior, *, steps: int = 15, inner_steps: 
     _check(steps, "remasking", remasking, REMASKINGS)
     if int(inner_steps) != inner_steps or inner_steps < 0:
         raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
-    if not lr > 0 or not prior_weight >= 0 or not confidence_noise >= 0:
-        raise ValueError(f"need lr > 0, prior_weight >= 0, confidence_noise >= 0; got {lr}, {prior_weight}, "
-                         f"{confidence_noise}")
+    if not lr > 0 or not prior_weight >= 0 or not confidence_noise >= 0 or not encoder_anchor >= 0:
+        raise ValueError(f"need lr > 0, prior_weight >= 0, confidence_noise >= 0, encoder_anchor >= 0; got {lr}, "
+                         f"{prior_weight}, {confidence_noise}, {encoder_anchor}")
     generator = first_generator(generator)
     with timed(problem.y) as wall:
         batch, grid, length, dtype = _setup(problem, prior)
@@ -196,12 +198,17 @@ def sample_aps(problem: InverseProblem, prior, *, steps: int = 15, inner_steps: 
         commit_order = torch.full((batch, length), -1, dtype=torch.long, device=device)
         calls, decoder_calls, losses, committed = NetworkCalls(), 0, [], []
         counts = masked_counts(int(steps), length, schedule)
+        anchor_bias = 0.0
+        if encoder_anchor > 0:                                   # tokens of A^T y, one encoder pass
+            with torch.no_grad():
+                adjoint = problem.operator.A_adjoint(problem.y).to(prior.dtype)
+                anchor_bias = encoder_anchor * torch.nn.functional.one_hot(prior.encode(adjoint), num_codes).to(dtype)
         for k, counts_now in enumerate(counts):
             if not masked.any():
                 break
             log_p = _prior_log_probs(prior, ids, masked, grid, calls, dtype)            # log P = log x_theta(Z)
             fixed = torch.nn.functional.one_hot(ids.clamp(max=num_codes - 1), num_codes).to(dtype)
-            phi = log_p.clone().requires_grad_(True)                                    # phi^(0) = log P
+            phi = (log_p + anchor_bias).clone().requires_grad_(True)                    # phi^(0) = log P (+ anchor)
             optimiser = torch.optim.Adam([phi], lr=lr, betas=ADAM_BETAS)
             value = torch.zeros(batch, dtype=dtype, device=device)
             for _ in range(int(inner_steps)):
@@ -252,8 +259,8 @@ def sample_aps(problem: InverseProblem, prior, *, steps: int = 15, inner_steps: 
                    "network_seconds": calls.seconds, "steps": int(steps), "inner_steps": int(inner_steps),
                    "lr": lr, "schedule": schedule, "loss_kind": loss, "prior_weight": prior_weight,
                    "quantized_expectation": quantized_expectation, "remasking": remasking,
-                   "confidence_noise": confidence_noise, "tokens": ids, "commit_order": commit_order,
-                   "loss": losses, "committed": committed}
+                   "confidence_noise": confidence_noise, "encoder_anchor": encoder_anchor, "tokens": ids,
+                   "commit_order": commit_order, "loss": losses, "committed": committed}
     log.debug("aps: %d outer x %d inner steps in %.2f s, final loss %.4g", len(losses), inner_steps, wall.seconds,
               losses[-1] if losses else float("nan"))
     return SampleResult(x=x, diagnostics=diagnostics, trajectory=trajectory_of(callback))
