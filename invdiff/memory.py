@@ -43,27 +43,28 @@ def peak_bytes(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024        # kB
-    except OSError:
-        pass
+    high_water = _status_bytes("VmHWM")
+    if high_water is not None:
+        return high_water
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)   # bytes on macOS, kB on Linux
 
 
 def resident_bytes() -> int:
     """The process's current resident size (CPU; 0 where /proc is missing): the floor of any peak after a reset."""
+    return _status_bytes("VmRSS") or 0
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; None where the file or the field is missing."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
 
 
 @contextlib.contextmanager
