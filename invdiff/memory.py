@@ -59,12 +59,10 @@ def _status_bytes(field: str) -> int | None:
     """A ``kB`` field of ``/proc/self/status`` in bytes; None where the file or the field is missing."""
     try:
         with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+            lines = handle.readlines()
+    except OSError:                                     # no /proc (not Linux)
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
 
 
 @contextlib.contextmanager
