@@ -179,3 +179,21 @@ def test_a_finer_tokenizer_has_four_times_the_tokens_and_trains_a_transformer_on
         prior.grid_for((1, 2, 15, 24))
     legacy = {k: v for k, v in TokenizerConfig().to_dict().items() if k != "downsampling"}
     assert TokenizerConfig(**legacy).downsampling == 4
+
+
+def test_transformer_forward_is_the_torch_encoder_with_fused_attention():
+    """The forward runs each ``nn.TransformerEncoderLayer``'s weights through ``scaled_dot_product_attention`` (no
+    (L, L) matrix); it must compute what the layers themselves compute, in training and in eval mode, and train."""
+    from invdiff.priors.tokens import sinusoidal_grid
+
+    torch.manual_seed(0)
+    model = MaskedTransformer(TransformerConfig(codes=8, dim=32, layers=2, heads=4)).double()
+    ids = torch.randint(0, 9, (3, 35))
+    for training in (True, False):
+        model.train(training)
+        h = model.embedding(ids) + sinusoidal_grid(5, 7, 32, None, torch.float64)
+        reference = model.head(model.norm(model.encoder(h)))
+        torch.testing.assert_close(model(ids, (5, 7)), reference, rtol=1e-12, atol=1e-12)
+    model.train()
+    model(ids, (5, 7)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
