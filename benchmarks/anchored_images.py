@@ -6,7 +6,9 @@ Tasks (built by the task layer, as ``benchmarks/run.py`` builds its own): ``mri-
 Solvers per task: the task's baseline (zero-filled / ``A^+ y``), ``reddiff`` on the continuous prior
 (``brain-mri-complex``, the settings table's row), and on the token prior: ``aps`` (signature defaults: the
 paper's 15 x 100 steps, L1 measurement loss: LPIPS cannot be had offline), ``aps`` without the quantized
-expectation, ``aps`` with prior-confidence remasking, and ``masked-diffusion`` (linear likelihood reweighting).
+expectation, ``aps`` with prior-confidence remasking, ``masked-diffusion`` (linear likelihood reweighting), and
+our encoder-anchored variant (``encoder_anchor=10, steps=1``: the settings table's MRI row). The three paper rows start
+from the signature, ``--steps`` / ``--inner-steps`` change only them; ``--rows`` picks rows by name.
 Reported: PSNR / SSIM (fastMRI protocol on the task's output image), wall seconds, token-model calls (nfe) and
 decoder passes; and the tokenizer's round-trip PSNR / SSIM on held-out real brain images (the T1 sample and the
 multislice sample's slices), the ceiling of every token-prior row. ``--figure`` writes the anchors committed over APS's outer steps on the first task to
@@ -16,6 +18,7 @@ multislice sample's slices), the ceiling of every token-prior row. ``--figure`` 
     python benchmarks/anchored_images.py --token-prior runs/tokens --tasks mri-4x --inner-steps 30
     python benchmarks/anchored_images.py --tiny --token-prior runs/tokens-tiny      # seconds: 32 px images
     python benchmarks/anchored_images.py --token-prior runs/tokens --size 96 --steps 8 --inner-steps 30   # CPU
+    python benchmarks/anchored_images.py --token-prior tokens-brain --rows baseline "aps + encoder anchor (ours)"
 
 On one CPU core an APS reconstruction at 384 x 192 costs ~1500 decoder forward/backward passes (tens of
 minutes); on a GPU, seconds. Writes ``benchmarks/results/anchored_images-<date>[-tiny].json`` and ``.md``.
@@ -40,6 +43,7 @@ if __package__ in (None, ""):
 
 from invdiff import metrics  # noqa: E402
 from invdiff.priors.tokens import load_token_prior  # noqa: E402
+from invdiff.settings import hyperparameters  # noqa: E402
 from invdiff.tasks import (Task, block_average, inpainting_task, scan_tasks, solve,  # noqa: E402
                            superres_task)
 
@@ -48,7 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = REPO / "data" / "figures"
 TASKS = ("mri-4x", "sr-4x", "inpainting-box", "inpainting-random")
-# row name -> (solver, prior kind, overrides over the settings table)
+# row name -> (solver, prior kind, overrides over the settings table). The paper rows ("aps" and its two ablations)
+# start from the signature (the paper's values), not from the settings table, whose MRI row is the anchored variant.
 ROWS = {
     "baseline": (None, None, {}),
     "reddiff (continuous prior)": ("reddiff", "continuous", {}),
@@ -56,7 +61,11 @@ ROWS = {
     "aps, no quantized expectation": ("aps", "tokens", {"quantized_expectation": False}),
     "aps, prior-confidence remasking": ("aps", "tokens", {"remasking": "prior"}),
     "masked-diffusion": ("masked-diffusion", "tokens", {}),
+    # ours, not the paper's: every tilt starts at the tokens of A^T y, all committed after one inner loop (beta and
+    # the step count picked on the 96 px T1 copy: benchmarks/results/anchored_images-2026-12-05-cpu-2x-tokenizer.md)
+    "aps + encoder anchor (ours)": ("aps", "tokens", {"encoder_anchor": 10.0, "steps": 1}),
 }
+PAPER_ROWS = ("aps", "aps, no quantized expectation", "aps, prior-confidence remasking")
 
 
 def _t1_image(size: int | None) -> np.ndarray:
@@ -172,13 +181,14 @@ def run(args) -> dict:
         tasks = build_tasks(args.tasks.split(","), args.tiny, Path(workdir), args.size)
         for index, task in enumerate(tasks):
             image = task.images[0]
-            for name, (solver, kind, overrides) in ROWS.items():
+            for name in args.rows:
+                solver, kind, overrides = ROWS[name]
                 solver = solver or task.baseline
-                values = dict(task.hyperparameters(solver))
-                values.update(overrides)
-                if solver == "aps":
+                values = dict(hyperparameters(solver) if name in PAPER_ROWS else task.hyperparameters(solver))
+                if name in PAPER_ROWS:                          # --steps / --inner-steps: the paper rows only
                     values.update({k: v for k, v in (("steps", args.steps), ("inner_steps", args.inner_steps))
                                    if v is not None})
+                values.update(overrides)
                 prior = token_prior if kind == "tokens" else continuous_prior(args, task) if kind else None
                 recorder = AnchorRecorder() if (name == "aps" and index == 0 and args.figure) else None
                 start = time.perf_counter()
@@ -199,7 +209,7 @@ def run(args) -> dict:
     return {"date": datetime.date.today().isoformat(), "token_prior": str(args.token_prior), "size": args.size,
             "token_prior_metadata": getattr(token_prior, "metadata", {}), "tiny": args.tiny,
             "continuous_prior": "smooth_gaussian_prior (tiny)" if args.tiny else args.continuous_prior,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows, "row_names": args.rows,
             "tokenizer": tokenizer_rows}
 
 
@@ -227,8 +237,11 @@ def main(argv=None) -> int:
     parser.add_argument("--token-prior", required=True, help="exported token prior (.safetensors) or a run folder")
     parser.add_argument("--continuous-prior", default="brain-mri-complex", help="prior of the RED-Diff row")
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--steps", type=int, default=None, help="APS outer steps (default: the signature's)")
-    parser.add_argument("--inner-steps", type=int, default=None, help="APS inner steps (default: the signature's)")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help="row names, each quoted (default: all): " + "; ".join(ROWS))
+    parser.add_argument("--steps", type=int, default=None, help="outer steps of the paper rows (default: the paper's)")
+    parser.add_argument("--inner-steps", type=int, default=None,
+                        help="inner steps of the paper rows (default: the paper's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="32 px images and a synthetic 4-coil scan (smoke run)")
@@ -238,6 +251,10 @@ def main(argv=None) -> int:
     parser.add_argument("--figure-dir", default=str(FIGURES))
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/anchored_images-DATE)")
     args = parser.parse_args(argv)
+    args.rows = list(ROWS) if args.rows is None else args.rows
+    unknown = [name for name in args.rows if name not in ROWS]
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; expected some of {list(ROWS)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
