@@ -92,7 +92,8 @@ def run_case(seed, grid, num_codes, measurements, sigma_y, runs) -> dict:
 
 SWEEP = ({}, {"steps": 1}, {"steps": 3}, {"lr": 0.03}, {"lr": 0.3}, {"lr": 1.0}, {"inner_steps": 300},
          {"loss": "gaussian"}, {"loss": "gaussian", "prior_weight": 1.0}, {"remasking": "prior"},
-         {"quantized_expectation": False})
+         {"quantized_expectation": False},
+         {"encoder_anchor": 10.0}, {"encoder_anchor": 10.0, "steps": 1})                 # the MRI settings row (ours)
 
 
 def sweep(cases) -> list[dict]:
