@@ -56,7 +56,7 @@ _ADS_MRI = {
     "score_dc_iterations": Tuned(5, _ADS_PROBE), "guidance": Tuned(3.0, _ADS_PROBE),
 }
 _APS_ANCHOR = ("swept beta 0 / 3 / 10 and 15 / 1 outer steps on a 96 px copy of the T1 slice (4x, 2x token prior); "
-               "full T1 26.22 dB vs zero-filled 24.99, multislice 24.24 vs 23.22; "
+               "full T1 26.22 dB vs zero-filled 24.99, multislice 24.25 vs 23.22; "
                "benchmarks/results/anchored_images-2026-12-05-cpu-2x-tokenizer.md")
 
 TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
