@@ -84,3 +84,20 @@ def test_unknown_anatomy_is_refused():
         ct.CTAnatomySource(size=16, batch=1, anatomies=("knee",))
     with pytest.raises(ValueError, match="channels"):
         ct.CTAnatomySource(channels=2, size=16, batch=1)
+
+
+def test_clean_targets_keep_the_anatomy_and_drop_the_scanner():
+    """``ct-anatomy:clean``: the same seed gives the same anatomy without PSF blur and noise (the scanner draws come
+    last), so the clean image is the noisy one's smooth part: close to it, with far less high-frequency energy."""
+    noisy_source = make_source("ct-anatomy", channels=1, size=64, batch=2)
+    clean_source = make_source("ct-anatomy:clean", channels=1, size=64, batch=2)
+    assert clean_source.name == "ct-anatomy:clean" and normalisation_for("ct-anatomy:clean") == CT_NORMALISATION
+    for seed in (3, 4):
+        noisy, noisy_info = noisy_source.phantom(seed, spacing_mm=2.0)
+        clean, clean_info = clean_source.phantom(seed, spacing_mm=2.0)
+        assert clean_info["anatomy"] == noisy_info["anatomy"] and clean_info["noise_hu"] == 0.0
+        assert noisy_info["noise_hu"] > 0 and not torch.equal(clean, noisy)
+        assert (clean - noisy).abs().mean() < 0.01                       # 2-20 HU of noise is < 0.01 on this scale
+        laplacian = lambda x: (4 * x[..., 1:-1, 1:-1] - x[..., 2:, 1:-1] - x[..., :-2, 1:-1]  # noqa: E731
+                               - x[..., 1:-1, 2:] - x[..., 1:-1, :-2]).square().mean()
+        assert laplacian(clean) < laplacian(noisy)

@@ -355,9 +355,11 @@ def _spine_sagittal(cv: _Canvas, scale: float) -> None:
 
 # --------------------------------------------------------------------------------------------- render
 def render_phantom(generator: torch.Generator, size: int, *, anatomy: str | None = None,
-                   spacing_mm: float | None = None) -> tuple[torch.Tensor, dict]:
+                   spacing_mm: float | None = None, scanner: bool = True) -> tuple[torch.Tensor, dict]:
     """One phantom view ``(size, size)`` float32 on the [0, 1] scale of CT_NORMALISATION, and its description
-    (anatomy, spacing_mm, noise_hu, psf_fwhm_mm, enhanced)."""
+    (anatomy, spacing_mm, noise_hu, psf_fwhm_mm, enhanced). ``scanner=False``: the same anatomy (the scanner draws
+    come after it) without PSF blur and noise, a clean target: a prior trained on noisy targets learns the noise
+    texture as image content."""
     cv_u = lambda low, high: float(low + (high - low) * torch.rand((), generator=generator))  # noqa: E731
     if anatomy is None:
         anatomy = ANATOMIES[int(torch.multinomial(torch.tensor(ANATOMY_PROBS), 1, generator=generator))]
@@ -404,9 +406,10 @@ def render_phantom(generator: torch.Generator, size: int, *, anatomy: str | None
     body = hu > -500
     # Scanner: PSF blur, then correlated noise (white noise band-passed: FBP noise has little DC and is
     # blurred by the reconstruction kernel), stronger in the body than in the surrounding air.
-    psf_fwhm = cv_u(0.5, 1.2)
-    hu = _gaussian_blur(hu[None, None], psf_fwhm / 2.355 / spacing_mm)[0, 0]
-    noise_hu = cv_u(2, 20) / math.sqrt(max(spacing_mm, 0.5))    # larger pixels average more photons
+    psf_fwhm = cv_u(0.5, 1.2) if scanner else 0.0
+    if scanner:
+        hu = _gaussian_blur(hu[None, None], psf_fwhm / 2.355 / spacing_mm)[0, 0]
+    noise_hu = cv_u(2, 20) / math.sqrt(max(spacing_mm, 0.5)) if scanner else 0.0   # larger pixels, more photons
     white = torch.randn(n, n, generator=generator)[None, None]
     fine = _gaussian_blur(white, max(0.5, 0.6 / spacing_mm))
     coarse = _gaussian_blur(white, max(1.0, 2.0 / spacing_mm))
@@ -424,8 +427,12 @@ class CTAnatomySource(TrainingSource):
     name = "ct-anatomy"
     normalisation = CT_NORMALISATION
 
-    def __init__(self, *, channels: int = 1, size: int = 64, batch: int = 16, anatomies=ANATOMIES):
+    def __init__(self, *, channels: int = 1, size: int = 64, batch: int = 16, anatomies=ANATOMIES,
+                 scanner: bool = True):
         super().__init__(channels=channels, size=size, batch=batch)
+        self.scanner = bool(scanner)
+        if not self.scanner:
+            self.name = "ct-anatomy:clean"
         if channels != 1:
             raise ValueError(f"ct-anatomy: channels must be 1, got {channels}")
         unknown = set(anatomies) - set(ANATOMIES)
@@ -438,7 +445,7 @@ class CTAnatomySource(TrainingSource):
         g = torch.Generator().manual_seed(int(seed))
         if "anatomy" not in kw and self.anatomies != ANATOMIES:
             kw["anatomy"] = self.anatomies[int(torch.randint(len(self.anatomies), (), generator=g))]
-        image, info = render_phantom(g, self.size, **kw)
+        image, info = render_phantom(g, self.size, scanner=self.scanner, **kw)
         return image[None], info
 
     def batch_with_spacing(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -980,16 +980,16 @@ def make_source(spec: str, *, channels: int, size: int, batch: int) -> TrainingS
         return MNIBrainSource(channels=channels, size=size, batch=batch, **_mni_options(spec, arg))
     if kind == "ct-phantoms" and not arg:
         return CTPhantomSource(channels=channels, size=size, batch=batch)
-    if kind == "ct-anatomy" and not arg:
+    if kind == "ct-anatomy" and arg in ("", "clean"):
         from invdiff.datasets.ct_anatomy import CTAnatomySource
 
-        return CTAnatomySource(channels=channels, size=size, batch=batch)
+        return CTAnatomySource(channels=channels, size=size, batch=batch, scanner=arg != "clean")
     if kind in ("folder", "fastmri") and arg:
         root, options = _file_source_options(spec, arg)
         cls = FolderSource if kind == "folder" else FastMRISource
         return cls(root, channels=channels, size=size, batch=batch, **options)
     raise ValueError(f"unknown training data {spec!r}; expected 'mni-brain[:whole-head=F]', 'mni-brain-scales', "
-                     f"'ct-phantoms', 'ct-anatomy', 'folder:PATH[:whole-slice=F]' or 'fastmri:PATH[:whole-slice=F]'")
+                     f"'ct-phantoms', 'ct-anatomy[:clean]', 'folder:PATH[:whole-slice=F]' or 'fastmri:PATH[:whole-slice=F]'")
 
 
 def _file_source_options(spec: str, arg: str) -> tuple[str, dict]:

@@ -452,7 +452,7 @@ def _checkpoint_metadata(path: Path) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="invdiff train-prior", description="Train an EDM UNet prior (resumable).")
     p.add_argument("--data", default="mni-brain",
-                   help="mni-brain[:whole-head=F] | mni-brain-scales | ct-phantoms | ct-anatomy | folder:PATH | "
+                   help="mni-brain[:whole-head=F] | mni-brain-scales | ct-phantoms | ct-anatomy[:clean] | folder:PATH | "
                         "fastmri:PATH[:whole-slice=F]")
     p.add_argument("--channels", type=int, default=2, help="1 (magnitude / CT) or 2 (complex MR: real, imag)")
     p.add_argument("--size", type=int, default=64, help="training patch size (pixels)")
