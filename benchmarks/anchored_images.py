@@ -209,7 +209,7 @@ def run(args) -> dict:
     return {"date": datetime.date.today().isoformat(), "token_prior": str(args.token_prior), "size": args.size,
             "token_prior_metadata": getattr(token_prior, "metadata", {}), "tiny": args.tiny,
             "continuous_prior": "smooth_gaussian_prior (tiny)" if args.tiny else args.continuous_prior,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows, "row_names": args.rows,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
             "tokenizer": tokenizer_rows}
 
 

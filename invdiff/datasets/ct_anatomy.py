@@ -403,19 +403,20 @@ def render_phantom(generator: torch.Generator, size: int, *, anatomy: str | None
     else:
         _thorax(cv, scale, enhanced)
     hu = cv.hu
-    body = hu > -500
     # Scanner: PSF blur, then correlated noise (white noise band-passed: FBP noise has little DC and is
     # blurred by the reconstruction kernel), stronger in the body than in the surrounding air.
-    psf_fwhm = cv_u(0.5, 1.2) if scanner else 0.0
+    psf_fwhm = noise_hu = 0.0
     if scanner:
+        body = hu > -500                                             # before the blur
+        psf_fwhm = cv_u(0.5, 1.2)
         hu = _gaussian_blur(hu[None, None], psf_fwhm / 2.355 / spacing_mm)[0, 0]
-    noise_hu = cv_u(2, 20) / math.sqrt(max(spacing_mm, 0.5)) if scanner else 0.0   # larger pixels, more photons
-    white = torch.randn(n, n, generator=generator)[None, None]
-    fine = _gaussian_blur(white, max(0.5, 0.6 / spacing_mm))
-    coarse = _gaussian_blur(white, max(1.0, 2.0 / spacing_mm))
-    noise = (fine - 0.7 * coarse)[0, 0]
-    noise = noise / noise.std().clamp_min(1e-6)
-    hu = hu + noise_hu * noise * torch.where(body, 1.0, 0.5)
+        noise_hu = cv_u(2, 20) / math.sqrt(max(spacing_mm, 0.5))    # larger pixels average more photons
+        white = torch.randn(n, n, generator=generator)[None, None]
+        fine = _gaussian_blur(white, max(0.5, 0.6 / spacing_mm))
+        coarse = _gaussian_blur(white, max(1.0, 2.0 / spacing_mm))
+        noise = (fine - 0.7 * coarse)[0, 0]
+        noise = noise / noise.std().clamp_min(1e-6)
+        hu = hu + noise_hu * noise * torch.where(body, 1.0, 0.5)
     image = ((hu + 1000.0) / 2000.0).clamp(0.0, 1.0)[margin:-margin, margin:-margin]
     return image.float().contiguous(), {"anatomy": anatomy, "sagittal": sagittal, "spacing_mm": spacing_mm, "noise_hu": noise_hu,
                                         "psf_fwhm_mm": psf_fwhm, "enhanced": enhanced}
