@@ -88,6 +88,25 @@ def make_brain_multislice_multicoil(out: Path) -> Path:
     return path
 
 
+# Slices of the same EPI volume four or more slices (>= 8.7 mm) away from the sample's 10-13: a tuning set for
+# settings that must not be picked on the reported slices (e.g. ADS's acquisition settings).
+TUNING_SLICES = (5, 6, 17, 18)
+
+
+def make_brain_multislice_tuning(out: Path) -> Path:
+    """Like :func:`make_brain_multislice_multicoil` for :data:`TUNING_SLICES` (other coil-noise seed); not shipped."""
+    volume = np.stack([nibabel_example4d_slices(first=z, count=1)[0] for z in TUNING_SLICES])
+    path = out / "brain_multislice_tuning.h5"
+    write_fake_fastmri(path, _scaled(volume), num_coils=8, noise_level=NOISE_LEVEL, seed=7, acquisition="AXEPI",
+                       kspace_padding=(4, 4), voxel_size_mm=(1.97, 2.0, 2.17),
+                       extra_attrs={"invdiff_provenance": _provenance(
+                           source=f"nibabel tests/data/example4d.nii.gz, frame 0, axial slices {list(TUNING_SLICES)}",
+                           licence="MIT (nibabel)", purpose="tuning set, kept apart from the sample's slices 10-13",
+                           preprocessing="rows anterior->posterior, columns right->left; scaled to max 1e-4",
+                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=NOISE_LEVEL, seed=7)})
+    return path
+
+
 def make_brain_singlecoil(out: Path) -> Path:
     """Single coil (``reconstruction_esc``): dipy's T1 slice at its full 256 x 256 grid."""
     path = out / "brain_singlecoil.h5"
@@ -139,12 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="folder to write into (default: data/ next to this script)")
+    parser.add_argument("--tuning-set", action="store_true",
+                        help="write only brain_multislice_tuning.h5 (EPI slices 5, 6, 17, 18; not shipped)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.out.is_dir():
         parser.error(f"--out {args.out}: folder does not exist")
     log.info("numpy %s, torch %s, h5py %s (HDF5 %s)", np.__version__, metadata.version("torch"), h5py.__version__,
              h5py.version.hdf5_version)
+    if args.tuning_set:
+        log.info("wrote %s", make_brain_multislice_tuning(args.out))
+        return 0
     files = [make_brain_t1_multicoil(args.out), make_brain_multislice_multicoil(args.out),
              make_brain_singlecoil(args.out), make_ct_samples(args.out)]
     write_checksums(args.out, files)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from invdiff import recipe
+from invdiff.io import atomic_open
 
 log = logging.getLogger("recipes.active_mri")
 
@@ -57,6 +58,7 @@ class Config(recipe.RecipeConfig):
     fractions: tuple[int, ...] = (4, 8)               # budget = width // fraction
     slices: str = "all"
     cheap: str = ""                                   # a second, cheaper ADS run: "steps=5;particles=2" ("" none)
+    fixed: str = "all"                                # fixed masks to compare: "all", "none" or a comma list
     maps: str = "shared"                              # "shared": every mask's solve uses the start block's coil
                                                       # maps; "own": each mask's own calibration block's maps
 
@@ -136,6 +138,20 @@ def parse_cheap(text: str) -> dict:
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
+def parse_fixed(text: str) -> tuple[str, ...]:
+    """``--fixed``: "all" (every kind of FIXED_MASKS), "none" (ADS only: a settings sweep) or a comma list."""
+    if text == "all":
+        return FIXED_MASKS
+    if text == "none":
+        return ()
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FIXED_MASKS]
+    if unknown or not kinds:
+        from invdiff.errors import InputError
+        raise InputError(f"--fixed: expected all, none or some of {', '.join(FIXED_MASKS)}; got {text!r}")
+    return kinds
+
+
 def run(config: Config) -> "Report":
     from invdiff import metrics
     from invdiff.datasets.fastmri import read_scan
@@ -145,6 +161,7 @@ def run(config: Config) -> "Report":
     if config.maps not in ("shared", "own"):
         from invdiff.errors import InputError
         raise InputError(f"--maps: expected shared or own, got {config.maps!r}")
+    fixed_kinds = parse_fixed(config.fixed)
     device = recipe.prepare(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +185,7 @@ def run(config: Config) -> "Report":
             budget = width // fraction
             start = calibration_block(width, fraction) & acquirable
             seed = mask_seed(scan_path, budget)
-            fixed = {kind: fixed_mask(kind, start, acquirable, budget, seed) for kind in FIXED_MASKS}
+            fixed = {kind: fixed_mask(kind, start, acquirable, budget, seed) for kind in fixed_kinds}
             for index in chosen_slices:
                 image = scan_slice(scan, index, start, device=device)
                 if prior is None:
@@ -282,8 +299,10 @@ class Report:
                    "solver_settings": self.solver_settings, "threads": torch.get_num_threads(),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "means": {str(b): v for b, v in self.means().items()}, "records": self.records}
-        (out / "active.json").write_text(json.dumps(payload, indent=1, default=str))
-        (out / "active.md").write_text("\n".join(self.summary_lines()) + "\n")
+        with atomic_open(out / "active.json") as f:
+            f.write(json.dumps(payload, indent=1, default=str))
+        with atomic_open(out / "active.md") as f:
+            f.write("\n".join(self.summary_lines()) + "\n")
         if figure_data is not None:
             figure(out / "active-masks.png", figure_data, figure_masks, self.width)
 

@@ -49,20 +49,32 @@ class Config(recipe.RecipeConfig):
         return replace(self, prior="analytic", steps=30, threads=1, size=32, phantoms=(0,), views=(8, 16))
 
 
-def load_phantoms(config: Config) -> tuple[np.ndarray, list[str]]:
-    """The chosen phantoms, block-averaged to ``config.size``: (N, size, size) float32 in [0, 1], and their names."""
-    with h5py.File(recipe.repository_path(config.data), "r") as h5:
+def load_phantoms(config: Config) -> tuple[np.ndarray, list[str], list[float] | None]:
+    """The chosen phantoms, block-averaged to ``config.size``: (N, size, size) float32 in [0, 1], their names and
+    pixel spacings in mm at ``config.size`` (None when the file's optional ``spacing_mm`` attribute, one value per
+    stored image at the stored size, is absent: phantoms without a physical scale)."""
+    path = recipe.repository_path(config.data)
+    with h5py.File(path, "r") as h5:
         images = h5["images"][...]
         names = json.loads(h5.attrs["names"])
+        stored_spacing = h5.attrs.get("spacing_mm")
     for index in config.phantoms:
         if not 0 <= index < len(images):
             raise InputError(f"--phantoms: index {index} is outside the {len(images)} phantoms of {config.data}")
     chosen = np.stack([block_average(images[i], config.size) for i in config.phantoms])
-    return chosen, [names[i] for i in config.phantoms]
+    spacings = None
+    if stored_spacing is not None:
+        stored_spacing = np.atleast_1d(np.asarray(stored_spacing, dtype=float))
+        if stored_spacing.shape != (len(images),):
+            raise InputError(f"{path}: attribute spacing_mm: expected {len(images)} values (one per image), "
+                             f"got shape {stored_spacing.shape}")
+        factor = images.shape[-1] / config.size                  # block averaging widens the pixels
+        spacings = [float(stored_spacing[i]) * factor for i in config.phantoms]
+    return chosen, [names[i] for i in config.phantoms], spacings
 
 
 def build_tasks(config: Config, device):
-    images, names = load_phantoms(config)
+    images, names, spacings = load_phantoms(config)
     tasks = []
     for geometry in config.geometries:
         # Each geometry at each view count; the --tiny run keeps its two parallel tasks and adds the others once.
@@ -70,9 +82,12 @@ def build_tasks(config: Config, device):
         for views in views_here:
             tasks.append(ct_task(images, views, noise_fraction=config.noise_fraction, seed=config.seed,
                                  device=device, geometry=geometry,
-                                 angle_range=config.limited_angle if geometry == "limited" else None))
+                                 angle_range=config.limited_angle if geometry == "limited" else None,
+                                 spacing_mm=spacings))
     for task in tasks:
         task.info["phantoms"] = names
+        if spacings is not None:
+            task.info["spacing_mm"] = spacings
     return tasks
 
 

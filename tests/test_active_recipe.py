@@ -52,3 +52,13 @@ def test_tiny_run_writes_masks_and_metrics(tmp_path):
         assert sorted(rows["ads"]["mask"]) == sorted(set(rows["ads"]["mask"]) | set(ads["acquisition_order"]))
         assert ads["particle_evaluations"] == 12 * 3 and record["ads"]["ads-cheap"]["particle_evaluations"] == 12
     assert set(report.means()[width // 4]) >= {"ads", "random", "ads (own)"}
+
+
+def test_fixed_option_selects_the_masks_to_compare():
+    from invdiff.errors import InputError
+
+    assert active_mri.parse_fixed("all") == active_mri.FIXED_MASKS
+    assert active_mri.parse_fixed("none") == ()
+    assert active_mri.parse_fixed("random, equispaced") == ("random", "equispaced")
+    with pytest.raises(InputError, match="--fixed"):
+        active_mri.parse_fixed("radial")

@@ -101,3 +101,34 @@ def test_clean_targets_keep_the_anatomy_and_drop_the_scanner():
         laplacian = lambda x: (4 * x[..., 1:-1, 1:-1] - x[..., 2:, 1:-1] - x[..., :-2, 1:-1]  # noqa: E731
                                - x[..., 1:-1, 2:] - x[..., 1:-1, :-2]).square().mean()
         assert laplacian(clean) < laplacian(noisy)
+
+
+def test_a_written_phantom_set_is_the_source_s_images_with_their_spacing(tmp_path):
+    """write_phantom_set: data/ct_samples.h5's layout plus one spacing per image, the very images of the source,
+    read back by recipes/compare_ct.py with the spacing scaled by its block averaging."""
+    import json
+
+    import h5py
+    import numpy as np
+
+    from repo_scripts import load_script
+
+    path = tmp_path / "set.h5"
+    infos = ct.write_phantom_set(path, [7, 8], size=32)
+    with h5py.File(path, "r") as h5:
+        images, names, spacing = h5["images"][...], json.loads(h5.attrs["names"]), h5.attrs["spacing_mm"]
+    assert images.shape == (2, 32, 32) and images.dtype == np.float32 and len(names) == 2
+    np.testing.assert_allclose(spacing, [i["spacing_mm"] for i in infos])
+    np.testing.assert_array_equal(images[1], ct.CTAnatomySource(size=32).phantom(8)[0][0].numpy())
+
+    compare_ct = load_script("recipes/compare_ct.py", "recipe_compare_ct")
+    config = compare_ct.Config(data=str(path), phantoms=(1,), size=16)
+    chosen, chosen_names, spacings = compare_ct.load_phantoms(config)
+    assert chosen.shape == (1, 16, 16) and chosen_names == [names[1]]
+    assert spacings == pytest.approx([2 * spacing[1]])                 # 32 -> 16 px doubles the pixel
+    tasks = compare_ct.build_tasks(config, "cpu")
+    assert all(t.images[0].spacing_mm == pytest.approx(2 * spacing[1]) for t in tasks)
+    with h5py.File(path, "a") as h5:
+        h5.attrs["spacing_mm"] = np.array([1.0, 2.0, 3.0])
+    with pytest.raises(Exception, match="spacing_mm: expected 2 values"):
+        compare_ct.load_phantoms(config)

@@ -170,3 +170,18 @@ def test_a_fully_sampled_slice_can_be_measured_line_by_line_and_nothing_else(tmp
     assert len(acquisition.requests) == 2 and torch.equal(acquisition.requests[1], one_line)
     with pytest.raises(InputError, match="columns"):
         acquisition(torch.ones(47, dtype=torch.bool))
+
+
+def test_ct_task_carries_the_pixel_spacing_to_each_image():
+    """spacing_mm: one value for all images or one per image (told to a resolution-aware prior); a wrong count or
+    a non-positive spacing is refused."""
+    from invdiff.errors import InputError
+
+    images = np.stack([_image(16), _image(16)])
+    assert [i.spacing_mm for i in ct_task(images, 8).images] == [None, None]
+    assert [i.spacing_mm for i in ct_task(images, 8, spacing_mm=1.5).images] == [1.5, 1.5]
+    assert [i.spacing_mm for i in ct_task(images, 8, spacing_mm=[0.7, 2.0]).images] == [0.7, 2.0]
+    with pytest.raises(InputError, match="one value or 2"):
+        ct_task(images, 8, spacing_mm=[1.0, 2.0, 3.0])
+    with pytest.raises(InputError, match="positive"):
+        ct_task(images, 8, spacing_mm=[1.0, 0.0])

@@ -23,12 +23,14 @@ DEFAULT_LIMITED_DEGREES = 120.0
 
 
 def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, seed: int = 0, device="cpu",
-            name: str | None = None, geometry: str = "parallel", angle_range: float | None = None) -> Task:
+            name: str | None = None, geometry: str = "parallel", angle_range: float | None = None,
+            spacing_mm=None) -> Task:
     """Sparse-view CT of ``images`` (N, H, H) on the CT prior's fixed scale, ``views`` equispaced angles.
 
     geometry: ``parallel`` (angles in [0, 180)), ``fan`` (flat-detector fan beam, magnification 2, source at twice
     the image side, angles in [0, 360)) or ``limited`` (parallel beam over a wedge [0, angle_range) only, default
-    120 degrees: the missing wedge of a C-arm or a breast tomosynthesis-like scan). ``y = A x + sigma_y n`` with
+    120 degrees: the missing wedge of a C-arm or a breast tomosynthesis-like scan). spacing_mm: the pixel spacing
+    of the images (one value, or one per image; None: unknown), told to a resolution-aware prior. ``y = A x + sigma_y n`` with
     ``sigma_y = noise_fraction * RMS(A x)`` (per image; noise from the image's generator). The CT prior is trained
     on the fixed scale ``(HU + 1000) / 2000`` in [0, 1], so the problem is *not* rescaled (scale 1; no
     percentile rule). Baseline: FBP (ramp filter; for a limited wedge its angular weights leave the gap empty).
@@ -52,6 +54,7 @@ def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, see
             raise InputError(f"angle_range is for geometry 'limited'; {geometry} scans cover "
                              f"{FULL_SCAN_DEGREES[geometry]:.0f} degrees")
         degrees = FULL_SCAN_DEGREES[geometry]
+    spacings = _per_image_spacing(spacing_mm, len(images))
     angles = np.linspace(0.0, degrees, int(views), endpoint=False)
     beam = FanBeamCT if geometry == "fan" else ParallelBeamCT
     operator = beam(size, angles=angles).to(device)
@@ -66,7 +69,7 @@ def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, see
                             dtype=clean.dtype)
         problem = InverseProblem(operator, clean + sigma_y * noise, sigma_y)
         task_images.append(TaskImage(problem, image, functools.partial(real_image, scale=1.0), index=index,
-                                     info={"scale": 1.0, "sigma_y": sigma_y}))
+                                     spacing_mm=spacings[index], info={"scale": 1.0, "sigma_y": sigma_y}))
     beam_name = {"parallel": "parallel beam", "fan": "fan beam (flat detector, magnification 2)",
                  "limited": "parallel beam, limited angle"}[geometry]
     info = {"views": int(views), "geometry": beam_name, "angles": f"equispaced in [0, {degrees:g}) degrees",
@@ -75,6 +78,19 @@ def ct_task(images: np.ndarray, views: int, *, noise_fraction: float = 0.01, see
     default_name = {"parallel": f"ct-{int(views)}", "fan": f"ct-fan-{int(views)}",
                     "limited": f"ct-limited{degrees:g}-{int(views)}"}[geometry]
     return Task(name or default_name, "ct", task_images, baseline="fbp", info=info)
+
+
+def _per_image_spacing(spacing_mm, count: int) -> list[float | None]:
+    """``spacing_mm`` (None, one value or one per image) as a list of ``count`` positive floats or Nones."""
+    if spacing_mm is None:
+        return [None] * count
+    values = [spacing_mm] * count if np.ndim(spacing_mm) == 0 else list(np.asarray(spacing_mm, dtype=float))
+    if len(values) != count:
+        raise InputError(f"spacing_mm: expected one value or {count} (one per image), got {len(values)}")
+    for value in values:
+        if not (np.isfinite(value) and value > 0):
+            raise InputError(f"spacing_mm: expected positive pixel spacings in mm, got {value!r}")
+    return [float(v) for v in values]
 
 
 def inpainting_task(image: np.ndarray, mask: torch.Tensor, *, name: str, noise_fraction: float = 0.01,
