@@ -286,8 +286,8 @@ class Report:
         for r in self.records:
             for name, v in r["ads"].items():
                 lines.append(f"- slice {r['slice']}, budget {r['budget']}, {name}: {v['steps']} steps x "
-                             f"{v['particles']} particles = {v['particle_evaluations']} network forward passes "
-                             f"(and as many backward), {v['seconds']:.0f} s; {self.solver} "
+                             f"{v['particles']} particles: {v['particle_evaluations']} network forward passes "
+                             f"and {v['steps'] * v['particles']} backward, {v['seconds']:.0f} s; {self.solver} "
                              f"{self.solver_settings.get('steps')} steps, "
                              f"{np.mean([s['seconds'] for s in r[self.solver].values()]):.0f} s per mask")
         return lines

@@ -221,7 +221,7 @@ def test_pixel_selection_for_inpainting():
 
 
 @pytest.mark.parametrize("options", [{"weights": "likelihood"}, {"guidance_norm": "ensemble"},
-                                     {"score_dc_iterations": 3}])
+                                     {"score_dc_iterations": 3}, {"score_lookahead": 2}])
 def test_options_still_find_the_column(options):
     prior = hot_column_prior()
     problem, _ = column_problem(prior)
@@ -239,3 +239,39 @@ def test_magnitude_mean_output_is_the_mean_magnitude():
     particles = result.samples[:, 0]
     expected = torch.linalg.vector_norm(particles, dim=1).mean(0)
     torch.testing.assert_close(torch.linalg.vector_norm(result.x[0], dim=0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lookahead_carries_particles_to_samples_not_to_means():
+    """score_lookahead: on a Gaussian prior the deterministic DDIM lookahead from sigma_t ends near a prior draw (its
+    spread over many particles is the prior's power at every frequency, up to the first-order DDIM error), where the
+    Tweedie estimate keeps only P^2 / (P + sigma_t^2) of it; and each selection costs K batched passes more."""
+    from invdiff.samplers._common import NetworkCalls, call_prior
+    from invdiff.samplers.active import _lookahead
+
+    prior = hot_column_prior(hot_variance=4.0)                 # power 4 on columns +-3, 0.01 elsewhere
+    sigma_t, n = 5.0, 4000
+    generator = torch.Generator().manual_seed(1)
+    x = prior.sample(n, generator=generator).float()
+    x = x + sigma_t * torch.randn(x.shape, generator=generator)
+    calls = NetworkCalls()
+    x0_hat = call_prior(prior, x, torch.full((n,), sigma_t), NetworkCalls())
+    ends = _lookahead(prior, x, x0_hat, sigma_t, 0.002, 100, calls)      # 24 steps: -9 % / -16 % (first order)
+    assert calls.nfe == 100
+
+    def column_power(images):                                  # per-column mean |F x|^2 (orthonormal fft2)
+        k = torch.fft.fft2(torch.complex(images[:, 0].double(), images[:, 1].double()), norm="ortho")
+        return k.abs().square().mean(dim=(0, 1))
+    hot, cold = column_power(ends)[HOT], column_power(ends)[0]
+    # a complex field with per-part power P has |F x|^2 of mean 2 P
+    assert hot == pytest.approx(2 * 4.0, rel=0.05) and cold == pytest.approx(2 * 0.01, rel=0.06)
+    tweedie_cold = column_power(x0_hat)[0]
+    assert tweedie_cold < 0.01 * cold                           # the mean has lost the low-power detail
+    problem, _ = column_problem(prior)
+    plain = sample_ads(problem, prior, budget=4, particles=3, steps=10, generator=torch.Generator().manual_seed(0))
+    looked = sample_ads(problem, prior, budget=4, particles=3, steps=10, score_lookahead=3,
+                        generator=torch.Generator().manual_seed(0))
+    selections = len(looked.diagnostics["selection_steps"])
+    assert looked.diagnostics["nfe"] == plain.diagnostics["nfe"] + 3 * selections
+    assert looked.diagnostics["backward_passes"] == plain.diagnostics["backward_passes"] == 10
+    with pytest.raises(InputError, match="score_lookahead"):
+        sample_ads(problem, prior, budget=4, particles=3, steps=10, score_lookahead=-1)
