@@ -254,7 +254,7 @@ class RetrospectivePixels:
 
 # ---- the sampler -----------------------------------------------------------------------------------------
 def _check_arguments(steps, particles, window_start, window_end, sigma, guidance, exponent, guidance_norm, weights,
-                     output, dc_iterations, score_dc_iterations, patch) -> None:
+                     output, dc_iterations, score_dc_iterations, score_lookahead, patch) -> None:
     if int(steps) != steps or steps < 1:
         raise InputError(f"ads: steps must be a positive integer, got {steps!r}")
     if int(particles) != particles or particles < 2:
@@ -274,6 +274,8 @@ def _check_arguments(steps, particles, window_start, window_end, sigma, guidance
         raise InputError(f"ads: dc_iterations must be an integer >= 0, got {dc_iterations!r}")
     if int(score_dc_iterations) != score_dc_iterations or score_dc_iterations < 0:
         raise InputError(f"ads: score_dc_iterations must be an integer >= 0, got {score_dc_iterations!r}")
+    if int(score_lookahead) != score_lookahead or score_lookahead < 0:
+        raise InputError(f"ads: score_lookahead must be an integer >= 0, got {score_lookahead!r}")
     if int(patch) != patch or patch < 1:
         raise InputError(f"ads: patch must be a positive integer, got {patch!r}")
 
@@ -346,9 +348,7 @@ def sample_ads(problem: InverseProblem, prior, *, budget: int | None = None, par
     ``acquisitions`` (calls to ``problem.acquisition``), ``seconds``, ``network_seconds``.
     """
     _check_arguments(steps, particles, window_start, window_end, sigma, guidance, exponent, guidance_norm, weights,
-                     output, dc_iterations, score_dc_iterations, patch)
-    if int(score_lookahead) != score_lookahead or score_lookahead < 0:
-        raise InputError(f"ads: score_lookahead must be an integer >= 0, got {score_lookahead!r}")
+                     output, dc_iterations, score_dc_iterations, score_lookahead, patch)
     if problem.acquisition is None:
         raise InputError("ads: the problem has no acquisition (measure(mask) -> y): ADS chooses which lines to "
                          "measure, so it needs a fully sampled scan (retrospective) or a scanner to ask; "
