@@ -39,10 +39,10 @@ def dipy_t1_slice() -> np.ndarray:
     return np.load(get_fnames(name="t1_coronal_slice"))
 
 
-def nibabel_example4d_slices(first: int = 10, count: int = 4) -> np.ndarray:
-    """Axial slices ``first .. first + count - 1`` of frame 0 of nibabel's ``example4d.nii.gz`` (EPI, 2 mm).
+def nibabel_example4d_slices(slices=range(10, 14)) -> np.ndarray:
+    """Axial slices ``slices`` of frame 0 of nibabel's ``example4d.nii.gz`` (EPI, 2 mm).
 
-    Returned float64 ``(count, 96, 128)``: rows anterior -> posterior, columns patient right -> left
+    Returned float64 ``(len(slices), 96, 128)``: rows anterior -> posterior, columns patient right -> left
     (radiological display).
     """
     import nibabel
@@ -50,7 +50,7 @@ def nibabel_example4d_slices(first: int = 10, count: int = 4) -> np.ndarray:
     path = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
     frame = np.asarray(nibabel.load(path).dataobj[..., 0], dtype=np.float64)      # (x=128, y=96, z=24)
     # Voxel axes: i runs right -> left (affine x step -2 mm), j posterior -> anterior (+1.97 mm).
-    return np.stack([frame[:, :, z].T[::-1] for z in range(first, first + count)])
+    return np.stack([frame[:, :, z].T[::-1] for z in slices])
 
 
 def _scaled(image: np.ndarray) -> np.ndarray:
@@ -74,18 +74,22 @@ def make_brain_t1_multicoil(out: Path) -> Path:
     return path
 
 
-def make_brain_multislice_multicoil(out: Path) -> Path:
-    """8 coils, 4 contiguous axial slices of nibabel's example4d brain at its native 96 x 128 grid."""
-    volume = nibabel_example4d_slices(first=10, count=4)
-    path = out / "brain_multislice_multicoil.h5"
-    write_fake_fastmri(path, _scaled(volume), num_coils=8, noise_level=NOISE_LEVEL, seed=2, acquisition="AXEPI",
-                       kspace_padding=(4, 4), voxel_size_mm=(1.97, 2.0, 2.17),
+def _write_epi_multislice(path: Path, slices, *, seed: int, slices_label: str, **provenance) -> Path:
+    """8 coils, the given axial slices of nibabel's example4d brain at its native 96 x 128 grid."""
+    write_fake_fastmri(path, _scaled(nibabel_example4d_slices(slices)), num_coils=8, noise_level=NOISE_LEVEL,
+                       seed=seed, acquisition="AXEPI", kspace_padding=(4, 4), voxel_size_mm=(1.97, 2.0, 2.17),
                        extra_attrs={"invdiff_provenance": _provenance(
-                           source="nibabel tests/data/example4d.nii.gz, frame 0, axial slices 10-13",
+                           source=f"nibabel tests/data/example4d.nii.gz, frame 0, axial slices {slices_label}",
                            licence="MIT (nibabel)",
                            preprocessing="rows anterior->posterior, columns right->left; scaled to max 1e-4",
-                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=NOISE_LEVEL, seed=2)})
+                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=NOISE_LEVEL, seed=seed,
+                           **provenance)})
     return path
+
+
+def make_brain_multislice_multicoil(out: Path) -> Path:
+    """8 coils, 4 contiguous axial slices (10-13) of nibabel's example4d brain at its native 96 x 128 grid."""
+    return _write_epi_multislice(out / "brain_multislice_multicoil.h5", range(10, 14), seed=2, slices_label="10-13")
 
 
 # Slices of the same EPI volume four or more slices (>= 8.7 mm) away from the sample's 10-13: a tuning set for
@@ -95,16 +99,9 @@ TUNING_SLICES = (5, 6, 17, 18)
 
 def make_brain_multislice_tuning(out: Path) -> Path:
     """Like :func:`make_brain_multislice_multicoil` for :data:`TUNING_SLICES` (other coil-noise seed); not shipped."""
-    volume = np.stack([nibabel_example4d_slices(first=z, count=1)[0] for z in TUNING_SLICES])
-    path = out / "brain_multislice_tuning.h5"
-    write_fake_fastmri(path, _scaled(volume), num_coils=8, noise_level=NOISE_LEVEL, seed=7, acquisition="AXEPI",
-                       kspace_padding=(4, 4), voxel_size_mm=(1.97, 2.0, 2.17),
-                       extra_attrs={"invdiff_provenance": _provenance(
-                           source=f"nibabel tests/data/example4d.nii.gz, frame 0, axial slices {list(TUNING_SLICES)}",
-                           licence="MIT (nibabel)", purpose="tuning set, kept apart from the sample's slices 10-13",
-                           preprocessing="rows anterior->posterior, columns right->left; scaled to max 1e-4",
-                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=NOISE_LEVEL, seed=7)})
-    return path
+    return _write_epi_multislice(out / "brain_multislice_tuning.h5", TUNING_SLICES, seed=7,
+                                 slices_label=str(list(TUNING_SLICES)),
+                                 purpose="tuning set, kept apart from the sample's slices 10-13")
 
 
 def make_brain_singlecoil(out: Path) -> Path:
