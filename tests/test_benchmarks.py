@@ -44,3 +44,27 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     table = (tmp_path / files[1]).read_text()
     assert "| ct-60 | reddiff |" in table and "DPS / RED-Diff" in table
     assert (tmp_path / files[2]).stat().st_size > 10_000               # the PSNR-against-time figure
+
+
+# ------------------------------------------------------------------------------ benchmarks/gpu_train_priors.py
+def test_gpu_train_priors_splits_workers_by_cost_and_reads_the_speed(tmp_path):
+    script = load_script("benchmarks/gpu_train_priors.py", "gpu_train_priors")
+    assert script.split_workers(14, {"brain": 0.003, "ct": 0.0135}) == {"brain": 3, "ct": 11}
+    assert script.split_workers(2, {"brain": 0.003, "ct": 0.0135}) == {"brain": 1, "ct": 1}
+    assert script.split_workers(8, {"brain": 0.003}) == {"brain": 8}
+    assert script.seconds_per_step(tmp_path) is None                       # no run there
+    lines = [{"step": 20, "sec_per_step": 9.0}, {"step": 40, "sec_per_step": 0.2}, {"step": 60, "sec_per_step": 0.4}]
+    (tmp_path / "loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert script.seconds_per_step(tmp_path) == pytest.approx(0.3)     # start-up record left out
+
+
+@pytest.mark.slow
+def test_gpu_train_priors_cpu_smoke_trains_exports_and_reports(tmp_path):
+    # Every step of the GPU script, tiny, on the CPU (about 3 minutes): training with a data worker, export,
+    # the MRI and CT evaluations of the new and the shipped priors, the report.
+    script = load_script("benchmarks/gpu_train_priors.py", "gpu_train_priors")
+    assert script.main(["--cpu-smoke", "--out", str(tmp_path), "--priors", "ct"]) == 0
+    report = json.loads(next(tmp_path.glob("gpu_train_priors-*-cpu-smoke.json")).read_text())
+    assert report["trained"]["ct"]["steps"] == 3 and (tmp_path / "ct-anatomy-gpu.safetensors").is_file()
+    assert {r["prior"] for r in report["tables"]["ct_tune"]} == {"new", "shipped"}
+    assert report["ct_chosen"] is not None and not report["tables"]["brain"]

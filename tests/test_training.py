@@ -497,3 +497,73 @@ def test_cli_trains_on_pngs_and_on_fastmri_files_then_reconstructs_with_the_resu
     assert rc == 0
     with h5py.File(out, "r") as f:
         assert f["reconstruction"].shape[0] == 1 and np.isfinite(f["reconstruction"][()]).all()
+
+
+# ------------------------------------------------------------------------ per-step data stream and workers
+def test_per_step_stream_is_the_same_with_workers_resumed_or_not(tmp_path, monkeypatch):
+    # Batch k depends on (seed, k) only: two spawned workers drawing ahead, a run split in two, and the
+    # in-process draw all give bit-identical weights, Adam state and EMA.
+    monkeypatch.setattr(T, "SIGMA_DATA_IMAGES", 32)
+    unet = dict(TINY_UNET, spacing_conditioning=True, default_spacing_mm=2.0, sigma_data=None)
+    config = tiny_config(data="ct-anatomy", unet=unet, steps=4, data_stream="per-step")
+    in_process = T.train(config, tmp_path / "a", progress=False)
+    with_workers = T.train(config, tmp_path / "b", progress=False, data_workers=2)
+    T.train(dataclasses_replace(config, steps=1), tmp_path / "c", progress=False, data_workers=1)
+    resumed = T.train(config, tmp_path / "c", progress=False)
+    for other in (with_workers, resumed):
+        for key, value in in_process.tensors().items():
+            if key != "rng.data":                       # unused by this stream: stays at its seed
+                assert torch.equal(value, other.tensors()[key]), key
+    # ... and it is a different stream from the generator's (a run cannot switch: the config differs)
+    generator_run = T.train(dataclasses_replace(config, data_stream="generator"), tmp_path / "d", progress=False)
+    models = [{k: v for k, v in run.tensors().items() if k.startswith("model.")} for run in (generator_run, in_process)]
+    assert any(not torch.equal(v, models[1][k]) for k, v in models[0].items())
+    with pytest.raises(ValueError, match="data_stream"):
+        T.train(config, tmp_path / "d", progress=False)
+
+
+def test_per_step_batches_are_a_function_of_seed_and_step():
+    from invdiff.priors.batch_stream import BatchStream, step_seed
+
+    source = data.CTPhantomSource(size=16, batch=2)
+    stream = BatchStream(stream="per-step", source=source, seed=3, conditioned=False)
+    first, again, other = stream.next(5)[0], stream.next(5)[0], stream.next(6)[0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert len({step_seed(s, k) for s in range(4) for k in range(1000)}) == 4000
+    with pytest.raises(ValueError, match="per-step"):
+        BatchStream(stream="generator", source=source, seed=3, conditioned=False,
+                    generator=torch.Generator(), workers=2)
+
+
+def test_cli_data_workers_pick_the_per_step_stream_and_max_minutes_stops_and_exports(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "SIGMA_DATA_IMAGES", 32)
+    common = ["--data", "ct-phantoms", "--channels", "1", "--size", "16", "--batch", "2", "--base-channels", "8",
+              "--channel-mults", "1,2", "--log-every", "1", "--no-progress"]
+    out = tmp_path / "run"
+    # A deadline already passed: not one step, but the checkpoint and the export are written as at the end.
+    assert T.main(common + ["--steps", "5", "--out", str(out), "--data-workers", "1", "--max-minutes", "1e-9",
+                            "--export", "p"]) == 0
+    meta = json.loads((out / "export" / "p.json").read_text())
+    assert meta["steps"] == 0
+    # Resumed without --data-workers: it keeps the per-step stream its checkpoint records.
+    assert T.main(common + ["--steps", "2", "--out", str(out)]) == 0
+    saved = T.TrainConfig.from_dict(T._checkpoint_metadata(out / T.CHECKPOINT)["config"])
+    assert saved.data_stream == "per-step"
+    from invdiff.errors import InputError
+    with pytest.raises(InputError, match="max-minutes"):
+        T.main(common + ["--steps", "1", "--out", str(tmp_path / "x"), "--max-minutes", "0"])
+
+
+def test_package_files_come_from_the_training_files_folder_first(tmp_path, monkeypatch):
+    # A GPU machine without nilearn / dipy reads copies of their data files from $INVDIFF_TRAINING_FILES.
+    pytest.importorskip("nilearn")
+    relative = "datasets/data/" + data.MNI_FILE.format("t1")
+    installed = data.package_file("nilearn", relative)
+    assert installed is not None and "site-packages" in str(installed)
+    copy = tmp_path / installed.name
+    copy.write_bytes(installed.read_bytes())
+    monkeypatch.setenv(data.TRAINING_FILES_ENV, str(tmp_path))
+    assert data.package_file("nilearn", relative) == copy
+    assert data.package_file("nilearn", "datasets/data/" + data.MNI_FILE.format("gm")) != copy   # not copied
+    assert data.package_file("nilearn", "datasets/data/no_such_file.nii.gz") is None
+    assert data.package_file("no_such_package_here", "x.nii.gz") is None

@@ -23,12 +23,17 @@ solver that divides a scan by ``reference_scale`` of its zero-filled / reference
 images on the scale it was trained on. CT phantoms are on a fixed scale (:data:`CT_NORMALISATION`).
 
 The held-out test images (dipy's ``t1_coronal_slice.npy``, nibabel's ``example4d.nii.gz``) are never read.
+
+The package files (MNI template, real MR volumes) are found inside the installed nilearn / dipy wheels, or, first,
+in the folder ``$INVDIFF_TRAINING_FILES`` names (copies under the same file names; for machines where those
+packages are not installed, e.g. a GPU machine fed by ``benchmarks/gpu_payload.sh``).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +56,24 @@ CT_NORMALISATION = {
 }
 HELD_OUT_FILES = ("t1_coronal_slice.npy", "example4d.nii.gz")
 MNI_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+
+
+TRAINING_FILES_ENV = "INVDIFF_TRAINING_FILES"
+
+
+def package_file(package: str, relative: str) -> Path | None:
+    """A data file shipped inside ``package`` (``relative`` to its folder): the copy in ``$INVDIFF_TRAINING_FILES``
+    when that folder holds one of the same name, else the installed package's; None when neither exists."""
+    import importlib.util
+
+    override = os.environ.get(TRAINING_FILES_ENV)
+    if override:
+        copy = Path(override) / Path(relative).name
+        if copy.is_file():
+            return copy
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / relative if spec and spec.origin else None
+    return path if path is not None and path.is_file() else None
 
 
 def _check_not_held_out(path) -> None:
@@ -202,17 +225,17 @@ def _head_biased_centers(generator, weight_map: torch.Tensor, p_uniform: float =
 def mni_template_volumes() -> torch.Tensor:
     """(3, X, Y, Z) uint8 tensor: T1, GM, WM of the MNI152 2009a template in nilearn's wheel (cached per process)."""
     import nibabel
-    import nilearn
 
-    folder = Path(nilearn.__file__).parent / "datasets" / "data"
     volumes = []
     for kind in ("t1", "gm", "wm"):
-        path = folder / MNI_FILE.format(kind)
-        if not path.is_file():
-            raise ValueError(f"MNI template file {path} not found; expected it inside the installed nilearn wheel")
+        relative = "datasets/data/" + MNI_FILE.format(kind)
+        path = package_file("nilearn", relative)
+        if path is None:
+            raise ValueError(f"MNI template file {Path(relative).name} not found; expected it inside the installed "
+                             f"nilearn wheel (pip install nilearn) or in ${TRAINING_FILES_ENV}")
         _check_not_held_out(path)
         volumes.append(np.asarray(nibabel.load(str(path)).dataobj, dtype=np.uint8))
-    log.info("loaded MNI152 template volumes %s from %s", volumes[0].shape, folder)
+    log.info("loaded MNI152 template volumes %s from %s", volumes[0].shape, path.parent)
     return torch.from_numpy(np.stack(volumes))
 
 
@@ -416,15 +439,12 @@ def _check_trainable_real_mr(path) -> None:
 def real_mr_slices() -> tuple[tuple[torch.Tensor, float, str], ...]:
     """Axial slices ``(image (H, W) float32 in display orientation, spacing mm, file name)`` of REAL_MR_VOLUMES,
     each divided by :func:`reference_scale`; volumes whose package is missing are skipped with a warning."""
-    import importlib.util
-
     import nibabel
 
     out = []
     for package, rel, spacing, (first, last), _ in REAL_MR_VOLUMES:
-        spec = importlib.util.find_spec(package)
-        path = Path(spec.origin).parent / rel if spec and spec.origin else None
-        if path is None or not path.is_file():
+        path = package_file(package, rel)
+        if path is None:
             log.warning("real MR volume %s/%s not found; training without it", package, rel)
             continue
         _check_trainable_real_mr(path)

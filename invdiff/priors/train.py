@@ -18,7 +18,9 @@ images drawn with their own generator) unless ``--sigma-data`` sets it; the lear
 then follows a cosine to ``lr_floor * lr`` at ``lr_decay_steps`` (a pure function of the step, so a resumed run
 continues the same curve) and stays there; one CPU thread per job by default (two single-thread jobs on two
 cores beat one job on two threads on a busy machine). A spacing-conditioned network
-(``--spacing-conditioning``) is trained on the per-image pixel spacings its source reports.
+(``--spacing-conditioning``) is trained on the per-image pixel spacings its source reports. On a GPU, which one CPU
+core cannot feed, ``--data-workers N`` draws batches in N processes from the per-step stream (batch k from seed
+(seed, k): the same run for any N; :mod:`invdiff.priors.batch_stream`), and ``--max-minutes`` caps a run in time.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class TrainConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     seed: int = 0
+    data_stream: str = "generator"         # or "per-step": batch k from seed (seed, k); see batch_stream
     unet: dict = field(default_factory=lambda: UNetConfig().to_dict())
     # Run length and bookkeeping: may change between invocations of the same run.
     steps: int = 100_000
@@ -274,14 +277,16 @@ def _check_compatible(saved: TrainConfig, wanted: TrainConfig, path) -> None:
 # ------------------------------------------------------------------------------------------- training
 def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "auto", init: str | None = None,
           command: str | None = None, should_stop: Callable[[], bool] | None = None,
-          progress: bool | None = None, device: torch.device | str = "cpu", bf16: bool = False) -> TrainingState:
+          progress: bool | None = None, device: torch.device | str = "cpu", bf16: bool = False,
+          data_workers: int = 0) -> TrainingState:
     """Train until ``config.steps`` (or ``should_stop()``), checkpointing; returns the final state.
 
     resume: "auto" continues from ``run_dir/checkpoint.safetensors`` when it exists, "never" refuses to
     overwrite one, "must" requires one. ``init``: an exported prior to warm-start a fresh run from.
     device / bf16: where the network trains and whether under bfloat16 autocast. Neither is part of the run's
     config: a checkpoint holds CPU tensors and float32 weights, so a run can move between CPU and GPU. Data
-    and noise are drawn on the CPU either way (same seed, same stream).
+    and noise are drawn on the CPU either way (same seed, same stream). data_workers: processes drawing batches
+    ahead (``config.data_stream`` must be "per-step"; the stream, and so the run, is the same for any count).
     """
     from invdiff.datasets.training import make_source
 
@@ -308,11 +313,14 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "aut
     log.info("training %s: %.2f M parameters, data %s, %d -> %d steps on %s%s", run_dir,
              state.net.num_parameters() / 1e6, config.data, state.step, config.steps, state.device,
              " (bf16 autocast)" if bf16 else "")
-    _run_loop(state, source, run_dir, should_stop or (lambda: False), progress, bf16)
+    from invdiff.priors.batch_stream import make_stream
+
+    with make_stream(state, source, data_workers) as stream:
+        _run_loop(state, stream, run_dir, should_stop or (lambda: False), progress, bf16)
     return state
 
 
-def _run_loop(state: TrainingState, source, run_dir: Path, should_stop, progress, bf16: bool = False) -> None:
+def _run_loop(state: TrainingState, stream, run_dir: Path, should_stop, progress, bf16: bool = False) -> None:
     config = state.config
     if progress is None:
         progress = sys.stderr.isatty()
@@ -322,13 +330,9 @@ def _run_loop(state: TrainingState, source, run_dir: Path, should_stop, progress
     losses, data_seconds, step_seconds = [], 0.0, 0.0
     last_save = time.monotonic()
     state.net.train()
-    conditioned = state.net.config.spacing_conditioning
     while state.step < config.steps and not should_stop():
         t0 = time.perf_counter()
-        if conditioned:
-            x0, spacing = source.batch_with_spacing(state.data_generator)
-        else:
-            x0, spacing = source.batch(state.data_generator), None
+        x0, spacing = stream.next(state.step)
         x0 = x0.to(state.device, non_blocking=True)
         spacing = None if spacing is None else spacing.to(state.device)
         t1 = time.perf_counter()
@@ -501,6 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA when present), cpu or cuda[:N]; a run can resume on another device")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast around the network (for GPUs; the loss, weights and EMA stay float32)")
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes drawing training batches ahead (for GPUs, which one CPU core cannot feed); "
+                        "needs the per-step data stream")
+    p.add_argument("--data-stream", choices=("generator", "per-step"), default=None,
+                   help="generator: one seeded stream in the training process; per-step: batch k drawn from seed "
+                        "(seed, k), identical for any --data-workers (default: a resumed run's own; per-step with "
+                        "--data-workers, else generator)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this many minutes of this invocation (checkpoint and --export as at the end)")
     return p
 
 
@@ -525,6 +538,7 @@ def config_from_args(args) -> TrainConfig:
                       spacing_conditioning=args.spacing_conditioning, default_spacing_mm=default_spacing)
     unet = dict(unet.to_dict(), sigma_data=args.sigma_data)      # None: measured when the run starts
     return TrainConfig(data=args.data, channels=args.channels, size=args.size, batch=args.batch, lr=args.lr,
+                       data_stream=args.data_stream or ("per-step" if args.data_workers > 0 else "generator"),
                        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
                        lr_decay_steps=args.lr_decay_steps, lr_floor=args.lr_floor, ema_decay=args.ema,
                        p_mean=args.p_mean, p_std=args.p_std,
@@ -575,11 +589,20 @@ def main(argv=None) -> int:
         if args.export_only:
             export_prior(run_dir, export_dir, args.export)
             return 0
+        if args.data_stream is None and (run_dir / CHECKPOINT).exists():     # a resumed run keeps its stream
+            args.data_stream = TrainConfig.from_dict(_checkpoint_metadata(run_dir / CHECKPOINT)["config"]).data_stream
         config = config_from_args(args)
         device = _training_device(args.device)
         command = "python -m invdiff.priors.train " + " ".join(shlex.quote(a) for a in argv)
-        train(config, run_dir, resume=args.resume, init=args.init, command=command,
-              should_stop=lambda: stop["flag"], progress=args.progress, device=device, bf16=args.bf16)
+        if args.max_minutes is not None and not args.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+        deadline = math.inf if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+
+        def should_stop() -> bool:
+            return stop["flag"] or time.monotonic() >= deadline
+
+        train(config, run_dir, resume=args.resume, init=args.init, command=command, should_stop=should_stop,
+              progress=args.progress, device=device, bf16=args.bf16, data_workers=args.data_workers)
         if args.export:
             export_prior(run_dir, export_dir, args.export)
     except ValueError as err:
