@@ -61,35 +61,40 @@ def _provenance(**fields) -> str:
     return json.dumps({"generator": "data/make_samples.py", **fields}, sort_keys=True)
 
 
-def make_brain_t1_multicoil(out: Path) -> Path:
-    """8 coils, one slice: dipy's T1 slice cropped to the 192 x 192 square around the brain (no resampling)."""
+def make_brain_t1_multicoil(out: Path, noise_level: float = NOISE_LEVEL) -> Path:
+    """8 coils, one slice: dipy's T1 slice cropped to the 192 x 192 square around the brain (no resampling).
+
+    ``noise_level=0``: the same scan without k-space noise (same seed, so the same phase), whose target is the
+    noise-free reference of the shipped one (benchmarks/clean_reference.py)."""
     image = dipy_t1_slice()[10:202, 32:224]       # the brain occupies rows 46-166, columns 58-199 of 256
     path = out / "brain_t1_multicoil.h5"
-    write_fake_fastmri(path, _scaled(image), num_coils=8, noise_level=NOISE_LEVEL, seed=1, acquisition="CORT1",
+    write_fake_fastmri(path, _scaled(image), num_coils=8, noise_level=noise_level, seed=1, acquisition="CORT1",
                        kspace_padding=(6, 6), voxel_size_mm=(1.0, 1.0, 1.0),
                        extra_attrs={"invdiff_provenance": _provenance(
                            source="dipy data/files/t1_coronal_slice.npy", licence="BSD-3-Clause (dipy)",
                            preprocessing="crop rows 10:202, columns 32:224; scaled to max 1e-4",
-                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=NOISE_LEVEL, seed=1)})
+                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=noise_level, seed=1)})
     return path
 
 
-def _write_epi_multislice(path: Path, slices, *, seed: int, slices_label: str, **provenance) -> Path:
+def _write_epi_multislice(path: Path, slices, *, seed: int, slices_label: str, noise_level: float = NOISE_LEVEL,
+                          **provenance) -> Path:
     """8 coils, the given axial slices of nibabel's example4d brain at its native 96 x 128 grid."""
-    write_fake_fastmri(path, _scaled(nibabel_example4d_slices(slices)), num_coils=8, noise_level=NOISE_LEVEL,
+    write_fake_fastmri(path, _scaled(nibabel_example4d_slices(slices)), num_coils=8, noise_level=noise_level,
                        seed=seed, acquisition="AXEPI", kspace_padding=(4, 4), voxel_size_mm=(1.97, 2.0, 2.17),
                        extra_attrs={"invdiff_provenance": _provenance(
                            source=f"nibabel tests/data/example4d.nii.gz, frame 0, axial slices {slices_label}",
                            licence="MIT (nibabel)",
                            preprocessing="rows anterior->posterior, columns right->left; scaled to max 1e-4",
-                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=NOISE_LEVEL, seed=seed,
+                           coils="sigpy.mri.birdcage_maps, 8 coils", noise_level=noise_level, seed=seed,
                            **provenance)})
     return path
 
 
-def make_brain_multislice_multicoil(out: Path) -> Path:
+def make_brain_multislice_multicoil(out: Path, noise_level: float = NOISE_LEVEL) -> Path:
     """8 coils, 4 contiguous axial slices (10-13) of nibabel's example4d brain at its native 96 x 128 grid."""
-    return _write_epi_multislice(out / "brain_multislice_multicoil.h5", range(10, 14), seed=2, slices_label="10-13")
+    return _write_epi_multislice(out / "brain_multislice_multicoil.h5", range(10, 14), seed=2, slices_label="10-13",
+                                 noise_level=noise_level)
 
 
 # Slices of the same EPI volume four or more slices (>= 8.7 mm) away from the sample's 10-13: a tuning set for
@@ -104,15 +109,15 @@ def make_brain_multislice_tuning(out: Path) -> Path:
                                  purpose="tuning set, kept apart from the sample's slices 10-13")
 
 
-def make_brain_singlecoil(out: Path) -> Path:
+def make_brain_singlecoil(out: Path, noise_level: float = NOISE_LEVEL) -> Path:
     """Single coil (``reconstruction_esc``): dipy's T1 slice at its full 256 x 256 grid."""
     path = out / "brain_singlecoil.h5"
-    write_fake_fastmri(path, _scaled(dipy_t1_slice()), multicoil=False, noise_level=NOISE_LEVEL, seed=3,
+    write_fake_fastmri(path, _scaled(dipy_t1_slice()), multicoil=False, noise_level=noise_level, seed=3,
                        acquisition="CORT1", voxel_size_mm=(1.0, 1.0, 1.0),
                        extra_attrs={"invdiff_provenance": _provenance(
                            source="dipy data/files/t1_coronal_slice.npy", licence="BSD-3-Clause (dipy)",
                            preprocessing="scaled to max 1e-4", coils="single coil (emulated)",
-                           noise_level=NOISE_LEVEL, seed=3)})
+                           noise_level=noise_level, seed=3)})
     return path
 
 

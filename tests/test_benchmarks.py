@@ -68,3 +68,31 @@ def test_gpu_train_priors_cpu_smoke_trains_exports_and_reports(tmp_path):
     assert report["trained"]["ct"]["steps"] == 3 and (tmp_path / "ct-anatomy-gpu.safetensors").is_file()
     assert {r["prior"] for r in report["tables"]["ct_tune"]} == {"new", "shipped"}
     assert report["ct_chosen"] is not None and not report["tables"]["brain"]
+
+
+# ------------------------------------------------------------------------------- benchmarks/clean_reference.py
+def test_clean_reference_rescores_compare_outputs_against_the_noise_free_sample(tmp_path):
+    pytest.importorskip("nibabel", reason="the EPI sample is rebuilt from nibabel's example4d")
+    import h5py
+    import numpy as np
+
+    from invdiff.metrics import evaluate
+
+    script = load_script("benchmarks/clean_reference.py", "clean_reference")
+    with h5py.File(script.REPO / "data" / "brain_multislice_multicoil.h5", "r") as f:
+        target = f["reconstruction_rss"][1:3]                     # as `invdiff compare --slices 1:3` stores it
+    folder = tmp_path / "cmp"
+    folder.mkdir()
+    (folder / "compare.json").write_text(json.dumps({"scan": "data/brain_multislice_multicoil.h5", "prior": None}))
+    np.savez(folder / "reconstructions.npz", **{"4x/target": target, "4x/blurred": 0.9 * target})
+    assert script.main([str(folder), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads(next((tmp_path / "out").glob("clean_reference-*.json")).read_text())
+    ceiling = report["ceilings"]["brain_multislice_multicoil"]
+    assert 29 < ceiling["psnr"] < 32                  # the noise-free image is far from its noisy target
+    (row,) = report["rows"]
+    assert row["fastmri_target"]["psnr"] == pytest.approx(evaluate(target, 0.9 * target)["psnr"], abs=1e-3)
+    assert row["noise_free"]["psnr"] != pytest.approx(row["fastmri_target"]["psnr"], abs=0.1)
+    # a scan with no noise-free twin is refused by name
+    (folder / "compare.json").write_text(json.dumps({"scan": "/data/other_scan.h5"}))
+    with pytest.raises(ValueError, match="other_scan.h5"):
+        script.main([str(folder), "--out", str(tmp_path / "out2")])
