@@ -33,5 +33,12 @@ for package, rel in wanted:
 real_ct = Path("runs/realct/realct128.h5")
 if real_ct.is_file():
     shutil.copy(real_ct, files / real_ct.name)
-print("gpu_payload:", sum(p.stat().st_size for p in Path(".gpu").rglob("*") if p.is_file()) // 2**20, "MiB in .gpu")
+import subprocess
+payload = sum(p.stat().st_size for p in Path(".gpu").rglob("*") if p.is_file())
+tracked = sum(Path(f).stat().st_size for f in subprocess.run(["git", "ls-files", "-z"], capture_output=True, text=True,
+                                                            check=True).stdout.split("\0") if f and Path(f).is_file())
+print(f"gpu_payload: {payload / 2**20:.1f} MiB in .gpu + {tracked / 2**20:.1f} MiB tracked = "
+      f"{(payload + tracked) / 2**20:.1f} MiB of the device tool's 64 MiB")
+if payload + tracked > 63 * 2**20:
+    raise SystemExit("gpu_payload: too close to the device tool's 64 MiB limit; drop runs/realct or untracked files")
 PY
