@@ -508,8 +508,8 @@ def test_per_step_stream_is_the_same_with_workers_resumed_or_not(tmp_path, monke
     config = tiny_config(data="ct-anatomy", unet=unet, steps=4, data_stream="per-step")
     in_process = T.train(config, tmp_path / "a", progress=False)
     with_workers = T.train(config, tmp_path / "b", progress=False, data_workers=2)
-    T.train(dataclasses_replace(config, steps=1), tmp_path / "c", progress=False, data_workers=1)
-    resumed = T.train(config, tmp_path / "c", progress=False)
+    T.train(dataclasses_replace(config, steps=1), tmp_path / "c", progress=False)
+    resumed = T.train(config, tmp_path / "c", progress=False, data_workers=2)      # prefetch starts at step 1
     for other in (with_workers, resumed):
         for key, value in in_process.tensors().items():
             if key != "rng.data":                       # unused by this stream: stays at its seed
@@ -529,10 +529,34 @@ def test_per_step_batches_are_a_function_of_seed_and_step():
     stream = BatchStream(stream="per-step", source=source, seed=3, conditioned=False)
     first, again, other = stream.next(5)[0], stream.next(5)[0], stream.next(6)[0]
     assert torch.equal(first, again) and not torch.equal(first, other)
-    assert len({step_seed(s, k) for s in range(4) for k in range(1000)}) == 4000
+    # torch keeps 32 bits of a seed: within a run every step's seed must differ in those bits
+    for seed in (0, 3, 2**40 + 7):
+        seeds = [step_seed(seed, k) for k in range(200_000)]
+        assert max(seeds) < 2**32 and len(set(seeds)) == len(seeds)
     with pytest.raises(ValueError, match="per-step"):
         BatchStream(stream="generator", source=source, seed=3, conditioned=False,
                     generator=torch.Generator(), workers=2)
+
+
+def test_a_dead_data_worker_is_an_error_not_a_hang():
+    import os
+    import signal
+
+    from invdiff.priors.batch_stream import BatchStream
+
+    source = data.CTPhantomSource(size=16, batch=2)
+    common = dict(stream="per-step", source=source, seed=0, conditioned=False, workers=1, channels=1, size=16,
+                  batch=2)
+    with BatchStream(spec="no-such-source", **common) as stream:          # its source cannot be built
+        with pytest.raises(RuntimeError, match="data worker"):
+            stream.next(0)
+    with BatchStream(spec="ct-phantoms", **common) as stream:             # killed after its first batch
+        assert stream.next(0)[0].shape == (2, 1, 16, 16)
+        for pid in list(stream._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="died before batch"):
+            for step in range(1, 50):
+                stream.next(step)
 
 
 def test_cli_data_workers_pick_the_per_step_stream_and_max_minutes_stops_and_exports(tmp_path, monkeypatch):
@@ -550,6 +574,9 @@ def test_cli_data_workers_pick_the_per_step_stream_and_max_minutes_stops_and_exp
     saved = T.TrainConfig.from_dict(T._checkpoint_metadata(out / T.CHECKPOINT)["config"])
     assert saved.data_stream == "per-step"
     from invdiff.errors import InputError
+    assert T.main(common + ["--steps", "1", "--out", str(tmp_path / "g")]) == 0                  # generator stream
+    with pytest.raises(InputError, match="data_stream='generator'.*--data-workers needs"):
+        T.main(common + ["--steps", "2", "--out", str(tmp_path / "g"), "--data-workers", "1"])
     with pytest.raises(InputError, match="max-minutes"):
         T.main(common + ["--steps", "1", "--out", str(tmp_path / "x"), "--max-minutes", "0"])
 
@@ -567,3 +594,6 @@ def test_package_files_come_from_the_training_files_folder_first(tmp_path, monke
     assert data.package_file("nilearn", "datasets/data/" + data.MNI_FILE.format("gm")) != copy   # not copied
     assert data.package_file("nilearn", "datasets/data/no_such_file.nii.gz") is None
     assert data.package_file("no_such_package_here", "x.nii.gz") is None
+    monkeypatch.setenv(data.TRAINING_FILES_ENV, str(tmp_path / "missing"))           # a typo is an error
+    with pytest.raises(ValueError, match="INVDIFF_TRAINING_FILES.*not a folder"):
+        data.package_file("nilearn", relative)

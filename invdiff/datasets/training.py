@@ -68,6 +68,9 @@ def package_file(package: str, relative: str) -> Path | None:
 
     override = os.environ.get(TRAINING_FILES_ENV)
     if override:
+        if not Path(override).is_dir():
+            raise ValueError(f"${TRAINING_FILES_ENV}={override!r} is not a folder (it should hold copies of the "
+                             f"package data files, e.g. {Path(relative).name})")
         copy = Path(override) / Path(relative).name
         if copy.is_file():
             return copy
@@ -232,7 +235,8 @@ def mni_template_volumes() -> torch.Tensor:
         path = package_file("nilearn", relative)
         if path is None:
             raise ValueError(f"MNI template file {Path(relative).name} not found; expected it inside the installed "
-                             f"nilearn wheel (pip install nilearn) or in ${TRAINING_FILES_ENV}")
+                             f"nilearn wheel (pip install nilearn) or in ${TRAINING_FILES_ENV} "
+                             f"(now {os.environ.get(TRAINING_FILES_ENV, 'unset')!r})")
         _check_not_held_out(path)
         volumes.append(np.asarray(nibabel.load(str(path)).dataobj, dtype=np.uint8))
     log.info("loaded MNI152 template volumes %s from %s", volumes[0].shape, path.parent)
@@ -607,7 +611,8 @@ class MNIScalesSource(MNIBrainSource):
     def metadata(self) -> dict:
         return dict(super().metadata(), real_fraction=self.real_fraction, noisy_fraction=self.noisy_fraction,
                     spacing_range_mm=[self.spacing_range[0], self.whole_head_range[1]],
-                    real_volumes=[f"{p}/{r}" for p, r, *_ in REAL_MR_VOLUMES])
+                    real_volumes=[f"{p}/{r}" for p, r, *_ in REAL_MR_VOLUMES
+                                  if Path(r).name in {name for *_, name in real_mr_slices()}])
 
 
 # Fewer random-intensity images than the patch source (their inversions look like no scan), more EPI / T2.

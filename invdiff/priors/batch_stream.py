@@ -11,22 +11,29 @@ Two streams, fixed for a run (``TrainConfig.data_stream``):
 Workers exist for GPUs: the procedural sources cost 3 ms (``mni-brain-scales``) to 13 ms (``ct-anatomy``) of one
 CPU core per 64 px image, so one process feeds a GPU 75 to 300 images a second, far below what it trains on.
 They are separate processes started with ``spawn`` (never ``fork``: the parent may hold a CUDA context), each
-building its own source from the run's spec, one torch thread each; at most ``2 x workers`` batches are in flight.
+building its own source from the run's spec, one torch thread each, ignoring Ctrl-C (the training process stops
+the run and then the workers); at most ``2 x workers`` batches are in flight. A worker that dies (killed, out of
+memory, its source failing to build) is an error of the run, never a silent wait.
 """
 from __future__ import annotations
 
 import collections
 import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import torch
 
 STREAMS = ("generator", "per-step")
-_GOLDEN = 0x9E3779B97F4A7C15       # 2^64 / phi: consecutive steps land far apart in the seed space
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so the mix lives in 32 bits: for one run
+# seed, step -> seed is a bijection on [0, 2^32) (odd multiplier), so no two batches of a run share a seed.
+_RUN_MULTIPLIER, _STEP_MULTIPLIER = 0x9E3779B9, 0x85EBCA6B
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The seed of batch ``step`` of a ``per-step`` stream (a 63-bit mix of run seed and step)."""
-    return (int(seed) * _GOLDEN + int(step) * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+    """The seed of batch ``step`` of a ``per-step`` stream: distinct for every step of a run (below 2^32 steps)."""
+    return (int(seed) * _RUN_MULTIPLIER + int(step) * _STEP_MULTIPLIER + 1) & 0xFFFFFFFF
 
 
 def draw(source, generator: torch.Generator, conditioned: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,6 +50,7 @@ _WORKER: dict = {}
 def _worker_init(spec: str, channels: int, size: int, batch: int, conditioned: bool, seed: int) -> None:
     from invdiff.datasets.training import make_source
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the whole process group; the parent handles it
     torch.set_num_threads(1)
     _WORKER.update(source=make_source(spec, channels=channels, size=size, batch=batch), conditioned=conditioned,
                    seed=seed)
@@ -74,21 +82,21 @@ class BatchStream:
         self.stream, self.source, self.seed, self.conditioned = stream, source, int(seed), conditioned
         self.generator, self.workers = generator, int(workers)
         self._spec = (spec, channels, size, batch)
-        self._pool = None
-        self._pending: collections.deque = collections.deque()     # (step, AsyncResult), in step order
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: collections.deque = collections.deque()     # (step, Future), in step order
 
     def __enter__(self) -> "BatchStream":
         if self.workers:
             spec, channels, size, batch = self._spec
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(self.workers, initializer=_worker_init,
-                                      initargs=(spec, channels, size, batch, self.conditioned, self.seed))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init,
+                                             initargs=(spec, channels, size, batch, self.conditioned, self.seed))
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            # in-flight draws finish (one batch each, well under a second); queued ones are dropped
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._pending.clear()
 
@@ -103,11 +111,15 @@ class BatchStream:
         if self._pending and self._pending[0][0] != step:     # the caller jumped (not in training): start over
             self._pending.clear()
         upcoming = self._pending[-1][0] + 1 if self._pending else step
-        while len(self._pending) < 2 * self.workers:
-            self._pending.append((upcoming, self._pool.apply_async(_worker_draw, (upcoming,))))
-            upcoming += 1
-        _, result = self._pending.popleft()
-        x0, spacing = result.get()
+        try:
+            while len(self._pending) < 2 * self.workers:
+                self._pending.append((upcoming, self._pool.submit(_worker_draw, upcoming)))
+                upcoming += 1
+            _, future = self._pending.popleft()
+            x0, spacing = future.result()
+        except BrokenProcessPool as err:
+            raise RuntimeError(f"a data worker of {self._spec[0]!r} died before batch {step} (killed, out of memory, or "
+                               f"its source failed to build; the worker's traceback is above)") from err
         return torch.from_numpy(x0), None if spacing is None else torch.from_numpy(spacing)
 
 

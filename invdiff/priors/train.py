@@ -526,6 +526,8 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError(f"--p-std must be > 0, got {args.p_std}")
     if args.sigma_data is not None and not args.sigma_data > 0:
         raise ValueError(f"--sigma-data must be > 0, got {args.sigma_data}")
+    if args.data_workers < 0:
+        raise ValueError(f"--data-workers must be >= 0, got {args.data_workers}")
     if not 0 <= args.lr_floor <= 1:
         raise ValueError(f"--lr-floor must be in [0, 1], got {args.lr_floor}")
     default_spacing = None
@@ -589,8 +591,12 @@ def main(argv=None) -> int:
         if args.export_only:
             export_prior(run_dir, export_dir, args.export)
             return 0
-        if args.data_stream is None and (run_dir / CHECKPOINT).exists():     # a resumed run keeps its stream
-            args.data_stream = TrainConfig.from_dict(_checkpoint_metadata(run_dir / CHECKPOINT)["config"]).data_stream
+        if (run_dir / CHECKPOINT).exists():          # a resumed run keeps its stream
+            saved_stream = TrainConfig.from_dict(_checkpoint_metadata(run_dir / CHECKPOINT)["config"]).data_stream
+            if args.data_workers > 0 and saved_stream != "per-step":
+                raise ValueError(f"{run_dir / CHECKPOINT}: data_stream={saved_stream!r}, but --data-workers needs "
+                                 f"'per-step'; resume without --data-workers or start a new --out folder")
+            args.data_stream = args.data_stream or saved_stream
         config = config_from_args(args)
         device = _training_device(args.device)
         command = "python -m invdiff.priors.train " + " ".join(shlex.quote(a) for a in argv)
