@@ -1,7 +1,7 @@
 """One command for a GPU loan: train the brain and CT priors at GPU scale, then measure them against the shipped ones.
 
     bash benchmarks/gpu_payload.sh                     # here, once: wheels and data files the GPU machine lacks
-    bash benchmarks/gpu_train_priors.sh --out DIR      # there: < 9 min on one H100 (device tool: carry .gpu)
+    bash benchmarks/gpu_train_priors.sh --out DIR      # there: <= 9 min (--budget-seconds) on one GPU; carry .gpu
     bash benchmarks/gpu_train_priors.sh --cpu-smoke    # here: every step tiny on the CPU (checks the script)
 
 Why: the open prior issues (a brain prior >= 2 dB over L1-wavelet at 4x; a CT prior >= 3 dB over the best classical
@@ -23,8 +23,10 @@ Steps, each with its own time limit (a failed step is recorded and the next one 
 5. ``ct-real``: if ``.gpu/files/realct128.h5`` exists (real CT slices, never used to train or tune), every CT
    task with the tuned new prior, the shipped prior, TV and L1-wavelet.
 
-Writes ``gpu_train_priors-<date>-<mode>.json`` and ``.md`` (atomically) into ``--out``: commands, exit statuses,
-seconds, steps and images trained, and the PSNR / SSIM tables.
+Writes ``gpu_train_priors-<date>-<mode>.json`` and ``.md`` (atomically) into ``--out`` after every step, so a
+command killed at the device's limit still leaves what it measured: commands, exit statuses, seconds, steps and
+images trained, and the PSNR / SSIM tables. ``--budget-seconds`` (default 540, under the device tool's 600 s) bounds
+the whole: each step's limit is cut to what is left, and a step with under 20 s left is skipped and recorded so.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.gpu_check import environment, run_step  # noqa: E402
 from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
 
+RESULTS = REPO / "benchmarks" / "results"
 PAYLOAD = REPO / ".gpu"
 REAL_CT = PAYLOAD / "files" / "realct128.h5"
 MRI_SCANS = ("brain_t1_multicoil.h5", "brain_multislice_multicoil.h5")
@@ -119,9 +122,9 @@ def rows_of(compare_json: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+    parser.add_argument("--out", type=Path, default=RESULTS,
                         help="report and exported priors (on the device machine: $OUT)")
-    parser.add_argument("--minutes", type=float, default=4.5, help="training time of the side-by-side runs")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time of the side-by-side runs")
     parser.add_argument("--calibrate-minutes", type=float, default=0.75)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0,
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--priors", default="brain,ct",
                         help="which to train: brain, ct or both (one alone gets every data worker)")
     parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--budget-seconds", type=float, default=540.0,
+                        help="the whole command's time (calibration + --minutes of training + evaluations)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="every step on the CPU, tiny (checks the script; measures nothing)")
     args = parser.parse_args(argv)
@@ -145,8 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     if (PAYLOAD / "files").is_dir():
         env.setdefault("INVDIFF_TRAINING_FILES", str(PAYLOAD / "files"))
     work = Path(tempfile.mkdtemp(prefix="gpu_train_priors-"))
+    if smoke and args.out == RESULTS:           # a smoke run is no measurement: keep it out of the results
+        args.out = Path(tempfile.mkdtemp(prefix="gpu_train_priors-smoke-"))
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    left = lambda: args.budget_seconds - (time.perf_counter() - started)  # noqa: E731
+    if 60 * (args.calibrate_minutes + 1.15 * args.minutes) + 60 > args.budget_seconds:
+        parser.error(f"--minutes {args.minutes} and --calibrate-minutes {args.calibrate_minutes} leave no time for "
+                     f"the evaluations inside --budget-seconds {args.budget_seconds:g}")
     batch = 2 if smoke else args.batch
     wanted = [p.strip() for p in args.priors.split(",") if p.strip()]
     unknown = set(wanted) - set(recipes(batch))
@@ -167,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate = {k: train_argv(k, work / f"calibrate-{k}", ["--steps", "3" if smoke else "100000", "--log-every",
                                                              "1" if smoke else "20", "--max-minutes",
                                                              str(args.calibrate_minutes)]) for k in plan}
-    calibration = train_side_by_side(calibrate, 60 * args.calibrate_minutes + 120, env, work)
+    calibration = train_side_by_side(calibrate, 60 * args.calibrate_minutes + 60, env, work)
     speeds = {k: seconds_per_step(work / f"calibrate-{k}") for k in plan}
     train_seconds = 60 * args.minutes
     steps = {k: (3 if smoke else max(600, int(0.95 * train_seconds / speeds[k]))) if speeds[k] else None
@@ -178,17 +189,45 @@ def main(argv: list[str] | None = None) -> int:
                                                       "--checkpoint-every-minutes", "1",
                                                       "--export", plan[k]["name"], "--export-dir", str(args.out)])
             for k in plan if steps[k]}
-    training = train_side_by_side(runs, 60 * args.minutes * 1.15 + 180, env, work)
     exported = {k: args.out / f"{plan[k]['name']}.json" for k in plan}
+    for path in exported.values():             # an export left by an earlier run must not pass for this one's
+        for stale in (path, path.with_suffix(".safetensors")):
+            stale.unlink(missing_ok=True)
+    training = train_side_by_side(runs, min(60 * args.minutes * 1.15 + 60, left()), env, work)
     trained = {}
     for k, path in exported.items():
-        if path.is_file():
+        if path.is_file() and training.get(k, {}).get("status") == 0:
             meta = json.loads(path.read_text())
             trained[k] = {"steps": meta["steps"], "images": meta["steps"] * meta["batch"],
                           "wall_seconds": meta["wall_seconds"], "final_loss": meta["final_loss"]}
 
-    # 3-5. evaluation (each step its own limit; the shipped prior evaluated in the same run for a fair comparison)
+    # 3-5. evaluation (the shipped prior evaluated in the same run, for a comparison on one device); the report is
+    # rewritten after every step
     steps_done, tables = [], {"brain": [], "ct_tune": [], "ct_real": []}
+    report = {"mode": "cpu-smoke" if smoke else "cuda", "environment": environment(device), "workers": workers,
+              "calibration": calibration, "seconds_per_step": speeds, "planned_steps": steps, "training": training,
+              "trained": trained, "ct_chosen": None, "real_ct": REAL_CT.is_file(), "steps": steps_done,
+              "tables": tables, "budget_seconds": args.budget_seconds}
+    stem = f"gpu_train_priors-{datetime.date.today().isoformat()}-{report['mode']}"
+
+    def save() -> None:
+        report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      total_seconds=round(time.perf_counter() - started, 1))
+        atomic_write_json(args.out / f"{stem}.json", report)
+        with atomic_open(args.out / f"{stem}.md", "w") as handle:
+            handle.write(markdown(report))
+
+    def step(name: str, argv: list[str], limit: float) -> bool:
+        """Run one evaluation step inside the budget; False when it was skipped or failed."""
+        if left() < 20:
+            steps_done.append({"name": name, "command": " ".join(argv), "status": "skipped: budget spent",
+                               "seconds": 0.0, "lines": []})
+        else:
+            steps_done.append(run_step(name, argv, min(limit, left()), env))
+        save()
+        return steps_done[-1]["status"] == 0
+
+    save()
     eval_steps = "2" if smoke else str(args.eval_steps)
     cli = [py, "-m", "invdiff.cli", "compare"]
     scans = MRI_SCANS[:1] if smoke else MRI_SCANS
@@ -198,58 +237,44 @@ def main(argv: list[str] | None = None) -> int:
             for label, prior, solvers in (("new", str(exported["brain"]), "reddiff,l1-wavelet,tv"),
                                           ("shipped", "brain-mri-complex", "reddiff")):
                 out = work / f"brain-{label}-{scan}"
-                steps_done.append(run_step(f"brain-eval-{label}-{scan}", [
-                    *cli, str(REPO / "data" / scan), "--solvers", solvers, "--accel", "4,8", "--steps", eval_steps,
-                    "--prior", prior, "--device", device, "--no-progress", *smoke_slices, "--out", str(out)],
-                    300, env))
-                tables["brain"] += [dict(r, scan=scan, prior=label) for r in rows_of(out / "compare.json")]
+                if step(f"brain-eval-{label}-{scan}", [
+                        *cli, str(REPO / "data" / scan), "--solvers", solvers, "--accel", "4,8", "--steps", eval_steps,
+                        "--prior", prior, "--device", device, "--no-progress", *smoke_slices, "--out", str(out)], 300):
+                    tables["brain"] += [dict(r, scan=scan, prior=label) for r in rows_of(out / "compare.json")]
     compare_ct = [py, str(REPO / "recipes" / "compare_ct.py"), "--steps", eval_steps, "--device", device,
                   "--threads", "1", "--size", "32" if smoke else "128"]
-    chosen = None
     if "ct" in trained:
         tuning = work / "ct_tuning.h5"
-        steps_done.append(run_step("ct-tuning-set", [py, "-m", "invdiff.datasets.ct_anatomy", "--write", str(tuning),
-                                                     "--seeds", "5000-5001" if smoke else CT_TUNING_SEEDS,
-                                                     "--size", "32" if smoke else "128"], 120, env))
+        step("ct-tuning-set", [py, "-m", "invdiff.datasets.ct_anatomy", "--write", str(tuning), "--seeds",
+                               "5000-5001" if smoke else CT_TUNING_SEEDS, "--size", "32" if smoke else "128"], 120)
         phantoms = "0,1" if smoke else "0,1,2,3,4,5,6,7"
+        tuned = ["--data", str(tuning), "--phantoms", phantoms, "--views", "30", "--geometries", "parallel"]
         best = None
         for lam, sigma_max in CT_GRID[:1] if smoke else CT_GRID:
             out = work / f"ct-tune-{lam:g}-{sigma_max:g}"
-            steps_done.append(run_step(f"ct-tune-lam{lam:g}-smax{sigma_max:g}", [
-                *compare_ct, "--data", str(tuning), "--phantoms", phantoms, "--views", "30", "--geometries",
-                "parallel", "--solvers", "reddiff", "--prior", str(exported["ct"]), "--set", f"reddiff:lam={lam:g}",
-                "--set", f"reddiff:sigma_max={sigma_max:g}", "--out", str(out)], 150, env))
-            rows = [dict(r, lam=lam, sigma_max=sigma_max, prior="new") for r in rows_of(out / "compare.json")
-                    if r["solver"] == "reddiff"]
-            tables["ct_tune"] += rows
-            if rows and (best is None or rows[0]["psnr"] > best[0]):
-                best = (rows[0]["psnr"], lam, sigma_max)
+            if step(f"ct-tune-lam{lam:g}-smax{sigma_max:g}", [
+                    *compare_ct, *tuned, "--solvers", "reddiff", "--prior", str(exported["ct"]), "--set",
+                    f"reddiff:lam={lam:g}", "--set", f"reddiff:sigma_max={sigma_max:g}", "--out", str(out)], 150):
+                rows = [dict(r, lam=lam, sigma_max=sigma_max, prior="new") for r in rows_of(out / "compare.json")
+                        if r["solver"] == "reddiff"]
+                tables["ct_tune"] += rows
+                if rows and (best is None or rows[0]["psnr"] > best[0]):
+                    best = (rows[0]["psnr"], lam, sigma_max)
         out = work / "ct-tune-shipped"
-        steps_done.append(run_step("ct-tune-shipped", [
-            *compare_ct, "--data", str(tuning), "--phantoms", phantoms, "--views", "30", "--geometries", "parallel",
-            "--solvers", "reddiff,tv", "--prior", "ct-phantom", "--out", str(out)], 150, env))
-        tables["ct_tune"] += [dict(r, prior="shipped") for r in rows_of(out / "compare.json")]
-        chosen = None if best is None else {"lam": best[1], "sigma_max": best[2]}
+        if step("ct-tune-shipped", [*compare_ct, *tuned, "--solvers", "reddiff,tv", "--prior", "ct-phantom",
+                                    "--out", str(out)], 150):
+            tables["ct_tune"] += [dict(r, prior="shipped") for r in rows_of(out / "compare.json")]
+        chosen = report["ct_chosen"] = None if best is None else {"lam": best[1], "sigma_max": best[2]}
         if chosen and REAL_CT.is_file():
             for label, prior, solvers, extra in (
                     ("new", str(exported["ct"]), "reddiff", ["--set", f"reddiff:lam={chosen['lam']:g}", "--set",
                                                              f"reddiff:sigma_max={chosen['sigma_max']:g}"]),
                     ("shipped", "ct-phantom", "reddiff,tv,l1-wavelet", [])):
                 out = work / f"ct-real-{label}"
-                steps_done.append(run_step(f"ct-real-{label}", [
-                    *compare_ct, "--data", str(REAL_CT), "--phantoms", "0,1,2", "--solvers", solvers, "--prior", prior,
-                    *extra, "--out", str(out)], 240, env))
-                tables["ct_real"] += [dict(r, prior=label) for r in rows_of(out / "compare.json")]
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "mode": "cpu-smoke" if smoke else "cuda", "environment": environment(device),
-              "total_seconds": round(time.perf_counter() - started, 1), "workers": workers,
-              "calibration": calibration, "seconds_per_step": speeds, "planned_steps": steps, "training": training,
-              "trained": trained, "ct_chosen": chosen, "real_ct": REAL_CT.is_file(), "steps": steps_done,
-              "tables": tables}
-    stem = f"gpu_train_priors-{datetime.date.today().isoformat()}-{report['mode']}"
-    atomic_write_json(args.out / f"{stem}.json", report)
-    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-        handle.write(markdown(report))
+                if step(f"ct-real-{label}", [*compare_ct, "--data", str(REAL_CT), "--phantoms", "0,1,2", "--solvers",
+                                             solvers, "--prior", prior, *extra, "--out", str(out)], 240):
+                    tables["ct_real"] += [dict(r, prior=label) for r in rows_of(out / "compare.json")]
+    save()
     print(f"[gpu_train_priors] wrote {args.out / stem}.json and .md ({report['total_seconds']} s)", flush=True)
     ok = all(t["status"] == 0 for t in training.values()) and all(s["status"] == 0 for s in steps_done)
     return 0 if ok and len(trained) == len(plan) else 1
