@@ -174,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         return [py, "-m", "invdiff.priors.train", *plan[key]["args"], *tiny, *hardware,
                 "--data-workers", str(workers[key]), "--out", str(run), *extra]
 
+    # 0. the brain source's files must all be there: without the real MR volumes it would train on less, quietly
+    if "brain" in plan:
+        check = ("from invdiff.datasets import training as T; T.mni_template_volumes(); "
+                 "found = {n for *_, n in T.real_mr_slices()}; "
+                 "missing = [r for _, r, *_ in T.REAL_MR_VOLUMES if r.split('/')[-1] not in found]; "
+                 "assert not missing, f'real MR volumes missing: {missing} (run benchmarks/gpu_payload.sh)'")
+        preflight = run_step("brain-data-preflight", [py, "-c", check], 120, env)
+        if preflight["status"] != 0:
+            print("[gpu_train_priors] the brain source's data files are missing; nothing trained", flush=True)
+            return 2
     # 1. calibration: the speed of each run while the other runs beside it
     calibrate = {k: train_argv(k, work / f"calibrate-{k}", ["--steps", "3" if smoke else "100000", "--log-every",
                                                              "1" if smoke else "20", "--max-minutes",
