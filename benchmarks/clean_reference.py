@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import sys
@@ -31,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 from invdiff.metrics import evaluate  # noqa: E402
 
 MAKERS = {"brain_t1_multicoil": "make_brain_t1_multicoil", "brain_multislice_multicoil": "make_brain_multislice_multicoil",
@@ -39,6 +40,7 @@ MAKERS = {"brain_t1_multicoil": "make_brain_t1_multicoil", "brain_multislice_mul
 REPRODUCTION_TOLERANCE = 1e-5        # relative: the shipped targets are rebuilt to ~1e-6 across numpy versions
 
 
+@functools.lru_cache(maxsize=1)
 def _make_samples():
     spec = importlib.util.spec_from_file_location("make_samples", REPO / "data" / "make_samples.py")
     module = importlib.util.module_from_spec(spec)
@@ -130,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.date.today().isoformat(), "command": "python -m benchmarks.clean_reference " +
               " ".join(str(f) for f in args.folders), "ceilings": ceilings, "rows": rows}
     stem = f"clean_reference-{report['date']}{'-' + args.tag if args.tag else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / f"{stem}.json", report)
-    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-        handle.write(markdown(report))
+    write_json_and_markdown(args.out, stem, report, markdown(report))
     print(f"wrote {args.out / stem}.json and .md")
     return 0
 

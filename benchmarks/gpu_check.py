@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
-from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 
 BUDGET_S = 8 * 60
 BATCH_SCANS = ("brain_t1_multicoil.h5", "brain_multislice_multicoil.h5")
@@ -86,6 +86,23 @@ def same_outputs(a: Path, b: Path, names) -> bool | None:
         return None
 
 
+def device_or_none(smoke: bool, script: str) -> str | None:
+    """"cpu" for a smoke run, "cuda" where there is a GPU, else None after saying there is nothing to do."""
+    import torch
+
+    if smoke:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    print(f"[{script}] no CUDA device here: nothing to do (use --cpu-smoke to exercise the script)")
+    return None
+
+
+def smoke_out(out: Path, smoke: bool, script: str) -> Path:
+    """A smoke run is no measurement: unless told otherwise, its report goes to a fresh temporary folder."""
+    return Path(tempfile.mkdtemp(prefix=f"{script}-smoke-")) if smoke and out == RESULTS else out
+
+
 def environment(device: str) -> dict:
     import torch
 
@@ -107,10 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     smoke = args.cpu_smoke
-    if not smoke and not torch.cuda.is_available():
-        print("[gpu_check] no CUDA device here: nothing to check (use --cpu-smoke to exercise the script)")
+    device = device_or_none(smoke, "gpu_check")
+    if device is None:
         return 0
-    device = "cpu" if smoke else "cuda"
     steps = 2 if smoke else args.steps
     gpus = 0 if smoke else torch.cuda.device_count()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -121,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     left = lambda: max(30.0, BUDGET_S - (time.perf_counter() - started))  # noqa: E731
     steps_done, batch_summary = [], {}
-    if smoke and args.out == RESULTS:          # a smoke run is no measurement: keep it out of the results
-        args.out = Path(tempfile.mkdtemp(prefix="gpu_check-smoke-"))
+    args.out = smoke_out(args.out, smoke, "gpu_check")
     try:
         steps_done.append(run_step("contract", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                                 "tests/test_operator_contract.py", "tests/test_training.py",
@@ -176,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               "total_seconds": round(time.perf_counter() - started, 1), "steps": steps_done,
               "batch": batch_summary}
     stem = f"gpu_check-{datetime.date.today().isoformat()}-{'cpu-smoke' if smoke else 'cuda'}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / f"{stem}.json", report)
-    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-        handle.write(markdown(report))
+    write_json_and_markdown(args.out, stem, report, markdown(report))
     print(f"[gpu_check] wrote {args.out / stem}.json and .md ({report['total_seconds']} s)")
     return 0 if all(step["status"] == 0 for step in steps_done) else 1
 

@@ -43,10 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gpu_check import environment, run_step  # noqa: E402
-from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from benchmarks.gpu_check import RESULTS, device_or_none, environment, run_step, smoke_out  # noqa: E402
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 PAYLOAD = REPO / ".gpu"
 REAL_CT = PAYLOAD / "files" / "realct128.h5"
 MRI_SCANS = ("brain_t1_multicoil.h5", "brain_multislice_multicoil.h5")
@@ -138,20 +137,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="every step on the CPU, tiny (checks the script; measures nothing)")
     args = parser.parse_args(argv)
 
-    import torch
-
     smoke = args.cpu_smoke
-    if not smoke and not torch.cuda.is_available():
-        print("[gpu_train_priors] no CUDA device here: nothing to train (use --cpu-smoke to exercise the script)")
+    device = device_or_none(smoke, "gpu_train_priors")
+    if device is None:
         return 0
-    device = "cpu" if smoke else "cuda"
     py = sys.executable
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if (PAYLOAD / "files").is_dir():
         env.setdefault("INVDIFF_TRAINING_FILES", str(PAYLOAD / "files"))
     work = Path(tempfile.mkdtemp(prefix="gpu_train_priors-"))
-    if smoke and args.out == RESULTS:           # a smoke run is no measurement: keep it out of the results
-        args.out = Path(tempfile.mkdtemp(prefix="gpu_train_priors-smoke-"))
+    args.out = smoke_out(args.out, smoke, "gpu_train_priors")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     left = lambda: args.budget_seconds - (time.perf_counter() - started)  # noqa: E731
@@ -223,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       total_seconds=round(time.perf_counter() - started, 1))
-        atomic_write_json(args.out / f"{stem}.json", report)
-        with atomic_open(args.out / f"{stem}.md", "w") as handle:
-            handle.write(markdown(report))
+        write_json_and_markdown(args.out, stem, report, markdown(report))
 
     def step(name: str, argv: list[str], limit: float) -> bool:
         """Run one evaluation step inside the budget; False when it was skipped or failed."""
