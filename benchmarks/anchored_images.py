@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import sys
 import tempfile
@@ -260,10 +259,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     report = run(args)
     stem = Path(args.out) if args.out else RESULTS / f"anchored_images-{report['date']}{'-tiny' if args.tiny else ''}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    from benchmarks.reports import write_json_and_markdown
+
+    text = markdown(report)
+    write_json_and_markdown(stem.parent, stem.name, report, text, json_default=str)
+    print(text)
     return 0
 
 

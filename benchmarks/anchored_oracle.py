@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import platform
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from invdiff.io import atomic_open, atomic_write_json
 from invdiff.operators.matrix import MatrixOperator
 from invdiff.priors.tokens_oracle import DiscreteOracle, total_variation
 from invdiff.problem import InverseProblem
@@ -148,6 +148,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_pair(stem: Path, report, text: str) -> None:
+    """``<stem>.json`` and ``<stem>.md``, each atomically (this script runs without the benchmarks package)."""
+    atomic_write_json(stem.with_suffix(".json"), report, indent=1)
+    with atomic_open(stem.with_suffix(".md"), "w") as handle:
+        handle.write(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small cases, 300 runs")
@@ -167,9 +174,8 @@ def main(argv=None) -> int:
         rows = sweep(cases)
         stem = Path(args.out) if args.out else RESULTS / f"anchored_oracle-{date}-sweep"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         text = sweep_markdown(rows, "python benchmarks/anchored_oracle.py --sweep")
-        stem.with_suffix(".md").write_text(text)
+        write_pair(stem, rows, text)
         print(text)
         return 0
     report = {"date": date, "command": "python benchmarks/anchored_oracle.py" + (" --quick" if args.quick else ""),
@@ -177,9 +183,9 @@ def main(argv=None) -> int:
               "cases": [run_case(*case, runs) for case in cases]}
     stem = Path(args.out) if args.out else RESULTS / f"anchored_oracle-{date}{'-quick' if args.quick else ''}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    write_pair(stem, report, text)
+    print(text)
     return 0
 
 

@@ -18,17 +18,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
-import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from invdiff.io import atomic_open
+if __package__ in (None, ""):                  # `python benchmarks/ct_projector.py` as well as `python -m ...`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -175,12 +178,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     result = run(args.size, args.angles, args.repeats, args.warmup, sorted(set(args.threads)), args.batch)
     stem = f"ct_projector-{datetime.date.today().isoformat()}-cpu" + (f"-batch{args.batch}" if args.batch > 1 else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(args.out / f"{stem}.json", "w") as handle:
-        handle.write(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-        handle.write(table)
+    write_json_and_markdown(args.out, stem, result, table)
     print(table)
     return result
 

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from invdiff import metrics, settings  # noqa: E402
 from invdiff.compare import resolve_prior  # noqa: E402
-from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 from invdiff.tasks import block_average, scan_tasks, solve  # noqa: E402
 
 log = logging.getLogger("benchmarks.off_distribution")
@@ -132,9 +132,7 @@ def main(argv=None) -> dict:
                     prior = resolve_prior(args.prior, torch.device("cpu"))
                 rows = run_case(scan, acceleration, solvers, prior, steps, args.seed, centre)
                 report["cases"].append({"image": name, "scan": coils, "acceleration": acceleration, "rows": rows})
-                atomic_write_json(args.out / f"{stem}.json", report)
-                with atomic_open(args.out / f"{stem}.md", "w") as handle:
-                    handle.write(markdown(report))
+                write_json_and_markdown(args.out, stem, report, markdown(report))
     return report
 
 

@@ -52,6 +52,7 @@ import datetime
 import logging
 import math
 import platform
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):                  # `python benchmarks/prior_denoising.py` as well as `python -m ...`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("benchmarks.prior_denoising")
 
@@ -521,15 +525,11 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:
-    from invdiff.io import atomic_open, atomic_write_json
+    from benchmarks.reports import write_json_and_markdown
 
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"prior_denoising-{report['date'][:10]}-cpu"
-    json_path = atomic_write_json(out / f"{stem}.json", report)
-    md_path = out / f"{stem}.md"
-    with atomic_open(md_path, "w") as handle:
-        handle.write(markdown(report))
-    return json_path, md_path
+    json_path = write_json_and_markdown(out, stem, report, markdown(report))
+    return json_path, out / f"{stem}.md"
 
 
 def main(argv=None) -> dict:

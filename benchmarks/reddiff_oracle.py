@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import math
 import platform
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 import invdiff
+from invdiff.io import atomic_open, atomic_write_json
 from invdiff.metrics_distributions import sliced_wasserstein
 from invdiff.operators.matrix import MatrixOperator
 from invdiff.priors.analytic import two_mode_mixture
@@ -150,8 +150,9 @@ def main(argv=None) -> dict:
         report["cases"][kind] = run_case(kind, chains, exact_size, variants, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"reddiff_oracle-{report['date']}{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    atomic_write_json(stem.with_suffix(".json"), report)
+    with atomic_open(stem.with_suffix(".md"), "w") as handle:
+        handle.write(markdown(report))
     log.info("wrote %s.json and .md", stem)
     return report
 

@@ -51,8 +51,9 @@ if __package__ in (None, ""):                  # `python benchmarks/run.py` as w
 
 import invdiff  # noqa: E402
 from invdiff.compare import resolve_prior
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 from invdiff.errors import UnsupportedOperatorError
-from invdiff.io import atomic_open, atomic_path, atomic_write_json
+from invdiff.io import atomic_path
 from invdiff.priors.analytic import smooth_gaussian_prior
 from invdiff.priors.loading import trained_steps
 from invdiff.registry import needs_prior
@@ -328,11 +329,8 @@ def main(argv=None) -> dict:
                           "peak RSS sampled every 2 ms during the run, above the RSS at its start"),
         "rows": rows, "reddiff_vs_dps": reddiff_vs_dps(rows),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{date}-{device.type}{'-quick' if args.quick else ''}"
-    atomic_write_json(args.out / f"{stem}.json", report)
-    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-        handle.write(markdown(report))
+    write_json_and_markdown(args.out, stem, report, markdown(report))
     quality_for_time_figure(report, args.out / f"{stem}.png")
     log.info("wrote %s.json, .md and .png", args.out / stem)
     return report

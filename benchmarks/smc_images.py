@@ -85,7 +85,7 @@ from benchmarks.run import load_average  # noqa: E402
 import invdiff  # noqa: E402
 from invdiff import settings  # noqa: E402
 from invdiff.compare import resolve_prior, run_solver, set_overrides  # noqa: E402
-from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 from invdiff.priors.analytic import smooth_gaussian_prior  # noqa: E402
 from invdiff.priors.loading import trained_steps  # noqa: E402
 from invdiff.samplers._common import call_prior, expand_sigma, timed  # noqa: E402
@@ -467,14 +467,11 @@ def main(argv=None) -> dict:
                       for task in tasks},
             "rows": rows,
         }
-        args.out.mkdir(parents=True, exist_ok=True)
         stem = (f"smc_images-{date}-{device.type}{'' if steps == 100 or args.quick else f'-{steps}steps'}"
                 f"{f'-{args.size}px' if args.size else ''}{'-quick' if args.quick else ''}"
                 f"{'-' + args.tag if args.tag else ''}")
-        atomic_write_json(args.out / f"{stem}.json", report)
         text = markdown(report)
-        with atomic_open(args.out / f"{stem}.md", "w") as handle:
-            handle.write(text)
+        write_json_and_markdown(args.out, stem, report, text)
         log.info("wrote %s.json and .md", args.out / stem)
         return report, text
 

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from invdiff import metrics, settings  # noqa: E402
-from invdiff.io import atomic_open, atomic_write_json  # noqa: E402
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 from invdiff.tasks import scan as scan_module  # noqa: E402
 from invdiff.tasks import scan_tasks, solve  # noqa: E402
 from invdiff.tasks.scan import calibration_width  # noqa: E402
@@ -171,9 +171,7 @@ def main(argv=None) -> dict:
                     rows, lines = run_case(scan, acceleration, args.seed)
                     report["cases"].append({"scan": name, "noise": noise, "acceleration": acceleration,
                                             "calibration_lines": lines, "rows": rows})
-                    atomic_write_json(args.out / f"{stem}.json", report)
-                    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-                        handle.write(markdown(report))
+                    write_json_and_markdown(args.out, stem, report, markdown(report))
     return report
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import multiprocessing
 import os
@@ -40,14 +39,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 if __package__ in (None, ""):                      # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from invdiff.io import atomic_open  # noqa: E402
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
 
 log = logging.getLogger("benchmarks.volume3d")
 
@@ -274,12 +272,8 @@ def main(argv=None) -> dict:
               "argv": sys.argv[1:] if argv is None else list(argv), "note": note, "rows": rows}
     kind = "mri" if args.mri else ("depths" if args.depths else "ct")
     stem = f"volume3d-{result['date']}-{device.type}-{kind}" + (f"-{args.tag}" if args.tag else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(args.out / f"{stem}.json", "w") as handle:
-        handle.write(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    with atomic_open(args.out / f"{stem}.md", "w") as handle:
-        handle.write(table)
+    write_json_and_markdown(args.out, stem, result, table)
     sys.stdout.write(table)
     return result
 

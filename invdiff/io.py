@@ -74,9 +74,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True,
             yield handle
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON (sorted keys, trailing newline) atomically; returns the path."""
-    text = json.dumps(obj, indent=indent, sort_keys=True) + "\n"   # serialise first: a TypeError writes nothing
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, default=None) -> Path:
+    """Write ``obj`` as JSON (sorted keys, trailing newline) atomically; returns the path. ``default`` as in
+    :func:`json.dumps` (e.g. ``str`` for paths and dates)."""
+    text = json.dumps(obj, indent=indent, sort_keys=True, default=default) + "\n"   # serialise first: a TypeError writes nothing
     with atomic_open(path, "w") as handle:
         handle.write(text)
     return Path(path)
