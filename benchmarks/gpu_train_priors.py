@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 if rows and (best is None or rows[0]["psnr"] > best[0]):
                     best = (rows[0]["psnr"], lam, sigma_max)
         out = work / "ct-tune-shipped"
-        if step("ct-tune-shipped", [*compare_ct, *tuned, "--solvers", "reddiff,tv", "--prior", "ct-phantom",
+        if step("ct-tune-shipped", [*compare_ct, *tuned, "--solvers", "reddiff,tv", "--prior", "ct-phantom-anatomy",
                                     "--out", str(out)], 150):
             tables["ct_tune"] += [dict(r, prior="shipped") for r in rows_of(out / "compare.json")]
         chosen = report["ct_chosen"] = None if best is None else {"lam": best[1], "sigma_max": best[2]}
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, prior, solvers, extra in (
                     ("new", str(exported["ct"]), "reddiff", ["--set", f"reddiff:lam={chosen['lam']:g}", "--set",
                                                              f"reddiff:sigma_max={chosen['sigma_max']:g}"]),
-                    ("shipped", "ct-phantom", "reddiff,tv,l1-wavelet", [])):
+                    ("shipped", "ct-phantom-anatomy", "reddiff,tv,l1-wavelet", [])):
                 out = work / f"ct-real-{label}"
                 if step(f"ct-real-{label}", [*compare_ct, "--data", str(REAL_CT), "--phantoms", "0,1,2", "--solvers",
                                              solvers, "--prior", prior, *extra, "--out", str(out)], 240):

@@ -31,7 +31,7 @@ Held-out images (never used in training; ``invdiff.datasets.training`` refuses t
 
     python -m benchmarks.prior_denoising                            # shipped priors; writes
                                                                     #   benchmarks/results/prior_denoising-<date>-cpu.{json,md}
-    python -m benchmarks.prior_denoising --brain /tmp/priors/brain-mri-complex --ct /tmp/priors/ct-phantom
+    python -m benchmarks.prior_denoising --brain /tmp/priors/brain-mri-complex --ct /tmp/priors/ct-phantom-anatomy
     python -m benchmarks.prior_denoising --quick --out /tmp/bench   # 3 phantoms, coarser grids
 
 Old vs new (issue 15 / 21): ``--prior-only`` skips the (slow, prior-independent) baseline tuning;
@@ -536,7 +536,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brain", default="brain-mri-complex",
                         help="complex brain prior: shipped name or exported path ('skip' to leave out)")
-    parser.add_argument("--ct", default="ct-phantom", help="CT prior: shipped name or exported path ('skip')")
+    parser.add_argument("--ct", default="ct-phantom-anatomy", help="CT prior: shipped name or exported path ('skip')")
     parser.add_argument("--quick", action="store_true", help="4 CT phantoms instead of 8, coarser tuning grids")
     parser.add_argument("--prior-only", action="store_true", help="skip the TV / wavelet tuning (old vs new runs)")
     parser.add_argument("--whole-head", action="store_true",

@@ -5,8 +5,8 @@ evaluations) from ``sigma_max`` to 0, started from ``sigma_max * N(0, I)`` drawn
 seeded with ``--seed``: the same command on the same weights gives the same picture. The complex brain prior
 is shown as the modulus ``sqrt(re^2 + im^2)``; every grid shares one grey scale [0, 99.5th percentile].
 
-    python -m benchmarks.prior_samples          # shipped priors -> data/figures/{brain-mri-complex,ct-phantom}-samples.png
-    python -m benchmarks.prior_samples --brain /tmp/priors/brain-mri-complex --ct /tmp/priors/ct-phantom
+    python -m benchmarks.prior_samples          # shipped priors -> data/figures/{brain-mri-complex,ct-phantom-anatomy}-samples.png
+    python -m benchmarks.prior_samples --brain /tmp/priors/brain-mri-complex --ct /tmp/priors/ct-phantom-anatomy
 
 Old vs new, side by side (same seeds, same noise): ``--versus OLD NEW [--spacings 3.75,1]`` writes
 ``<out>/<NEW name>-samples-vs-<OLD name>.png``, one row per spacing (mm / pixel; a spacing-conditioned prior is
@@ -60,6 +60,8 @@ def versus_grid(old: str, new: str, out: Path, *, spacings: list[float], n: int,
     from invdiff.priors.unconditional import default_sigma_max, sample_unconditional
 
     priors = [load_prior(old), load_prior(new)]
+    if not any(prior.config.spacing_conditioning for prior in priors):
+        spacings = spacings[:1]         # neither prior reads the spacing: every row would be the same samples
     cols = int(round(n ** 0.5))
     rows = -(-n // cols)
     fig, axes = plt.subplots(len(spacings), 2, figsize=(2 * 1.3 * cols, 1.3 * rows * len(spacings) + 0.6),
@@ -95,7 +97,7 @@ def versus_grid(old: str, new: str, out: Path, *, spacings: list[float], n: int,
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--brain", default="brain-mri-complex", help="shipped name or exported path ('skip')")
-    parser.add_argument("--ct", default="ct-phantom", help="shipped name or exported path ('skip')")
+    parser.add_argument("--ct", default="ct-phantom-anatomy", help="shipped name or exported path ('skip')")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="sample side in pixels (the training patch size)")
     parser.add_argument("--steps", type=int, default=40, help="Heun steps (2 steps - 1 network evaluations)")

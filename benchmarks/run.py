@@ -14,7 +14,7 @@ Tasks (built by the task layer :mod:`invdiff.tasks`, so they are the recipes' pr
 * ``mri-4x``: ``data/brain_t1_multicoil.h5`` through the ``invdiff reconstruct`` pipeline (8 coils, ESPIRiT,
   fastMRI random mask at 4x, k-space 384 x 192), prior ``brain-mri-complex``;
 * ``ct-60``: the held-out thorax phantom of ``data/ct_samples.h5`` at 128 px, 60 views, 1 % noise, prior
-  ``ct-phantom`` (fixed scale); ``--ct-geometries parallel,fan,limited`` adds ``ct-fan-60`` (flat-detector fan
+  ``ct-phantom-anatomy`` (fixed scale); ``--ct-geometries parallel,fan,limited`` adds ``ct-fan-60`` (flat-detector fan
   beam over 360 degrees) and ``ct-limited120-60`` (parallel beam over [0, 120) degrees);
 * ``inpainting``: the T1 slice (192 x 192, complex, zero phase), 50 % random pixels, prior ``brain-mri-complex``.
 
@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="steps per diffusion solver (100; quick: 5)")
     parser.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS), help="comma-separated solver names")
     parser.add_argument("--mri-prior", default="brain-mri-complex", help="MRI prior name or exported path")
-    parser.add_argument("--ct-prior", default="ct-phantom", help="CT prior name or exported path")
+    parser.add_argument("--ct-prior", default="ct-phantom-anatomy", help="CT prior name or exported path")
     parser.add_argument("--ct-geometries", default="parallel",
                         help="comma-separated CT geometries of the 60-view task: parallel, fan, limited (120 degrees)")
     parser.add_argument("--network-dtype", choices=["float32", "bfloat16"], default=None,

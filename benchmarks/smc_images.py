@@ -51,7 +51,7 @@ Tasks (built by the task builders of :mod:`invdiff.compare`, as in ``benchmarks/
 * ``mri-4x``, ``mri-8x``: ``data/brain_t1_multicoil.h5`` through the ``invdiff reconstruct`` pipeline (8 coils,
   ESPIRiT, fastMRI random mask), prior ``brain-mri-complex``;
 * ``ct-30``: the held-out thorax phantom (``data/ct_samples.h5`` index 3) block-averaged to 128 px, 30 views,
-  1 % noise, prior ``ct-phantom`` (fixed scale), as ``recipes/compare_ct.py`` builds it;
+  1 % noise, prior ``ct-phantom-anatomy`` (fixed scale), as ``recipes/compare_ct.py`` builds it;
 * ``inpainting``: the T1 slice (192 x 192, complex, zero phase), 50 % random pixels, prior ``brain-mri-complex``.
 
 Quick mode (as ``benchmarks/run.py --quick``): a 48 px synthetic 4-coil scan of the T1 slice (centre fraction
@@ -96,7 +96,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("mri-4x", "mri-8x", "ct-30", "inpainting")
 PRIOR_KIND = {"mri-4x": "mri", "mri-8x": "mri", "ct-30": "ct", "inpainting": "mri"}
-DEFAULT_PRIORS = {"mri": "brain-mri-complex", "ct": "ct-phantom"}
+DEFAULT_PRIORS = {"mri": "brain-mri-complex", "ct": "ct-phantom-anatomy"}
 SUPPORT_FRACTION = 0.05          # support: truth > 5 % of its max
 COVERAGE_STDS = 2.0              # |mean - truth| <= 2 std
 COST_GOAL = 1.2                  # the goal for wall per step / one batch-of-N network pass
@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
                         help="RED-Diff's steps when they should differ from SMC's (a few SMC steps are affordable "
                              "on a CPU where RED-Diff at so few steps is broken; default: --steps)")
     parser.add_argument("--mri-prior", default=None, help="MRI prior name or exported .json (brain-mri-complex)")
-    parser.add_argument("--ct-prior", default=None, help="CT prior name or exported .json (ct-phantom)")
+    parser.add_argument("--ct-prior", default=None, help="CT prior name or exported .json (ct-phantom-anatomy)")
     parser.add_argument("--network-dtype", choices=["float32", "bfloat16"], default=None,
                         help="dtype of the network (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed batch passes per task (median)")

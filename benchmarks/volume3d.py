@@ -2,7 +2,7 @@
 
 CT (default): a procedural 3-D CT phantom (``invdiff.tasks.volume.ct_phantom_3d``, fresh seeds) and the 3-D
 Shepp-Logan, ``--views`` equispaced parallel-beam views of every axial slice, 1 % noise; solvers FBP, 3-D TV, the 2-D
-solver slice by slice without the z-prior (DDS with lam 0: ``dds-2d``), DDS and DiffusionMBIR (``ct-phantom``
+solver slice by slice without the z-prior (DDS with lam 0: ``dds-2d``), DDS and DiffusionMBIR (``ct-phantom-anatomy``
 prior). MRI (``--mri``): the first frame of nibabel's held-out ``example4d.nii.gz`` (24 x 96 x 128, 2.2 x 2 x 2 mm),
 8-coil birdcage k-space, a fastMRI random mask per slice; solvers zero-filled, CG-SENSE, slice-wise RED-Diff, dds-2d,
 DDS, DiffusionMBIR (``brain-mri-complex`` prior). Each row: PSNR / SSIM in the axial, coronal and sagittal planes
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
     solvers = args.solvers or (MRI_SOLVERS if args.mri else CT_SOLVERS)
     base = {"family": family, "device": str(device), "threads": args.threads, "chunk": chunk, "bf16": args.bf16,
             "steps": steps, "seed": args.seed, "overrides": overrides,
-            "prior": "brain-mri-complex" if args.mri else "ct-phantom"}
+            "prior": "brain-mri-complex" if args.mri else "ct-phantom-anatomy"}
     specs = []
     if args.depths:
         for depth in args.depths:

@@ -41,7 +41,7 @@ class Config(recipe.RecipeConfig):
     geometries: tuple[str, ...] = ("parallel", "fan", "limited")
     limited_angle: float = 120.0                 # degrees covered by the limited-angle geometry
     noise_fraction: float = 0.01
-    prior: str = "ct-phantom"                    # shipped name, exported path, or "analytic"
+    prior: str = "ct-phantom-anatomy"            # shipped name, exported path, or "analytic"
 
     def tiny_variant(self) -> "Config":
         """Seconds-long smoke run: one 32 x 32 phantom at 8 and 16 views (parallel), 16 views fan and limited

@@ -246,7 +246,7 @@ def test_effective_acceleration_and_prior_provenance_are_recorded(tmp_path):
 
 def test_info_takes_a_prior_path_and_help_shows_defaults(capsys):
     from invdiff.priors.loading import WEIGHTS_DIR
-    assert main(["info", str(WEIGHTS_DIR / "ct-phantom.json")]) == 0
+    assert main(["info", str(WEIGHTS_DIR / "ct-phantom-anatomy.json")]) == 0
     assert '"sha256"' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["sample-prior", "--help"])
@@ -256,7 +256,7 @@ def test_info_takes_a_prior_path_and_help_shows_defaults(capsys):
 
 def test_sample_prior_on_the_cpu_device(tmp_path, capsys):
     png = tmp_path / "grid.png"
-    assert main(["sample-prior", "ct-phantom", "--n", "2", "--size", "16", "--steps", "2", "--device", "cpu",
+    assert main(["sample-prior", "ct-phantom-anatomy", "--n", "2", "--size", "16", "--steps", "2", "--device", "cpu",
                  "--png", str(png)]) == 0
     assert png.stat().st_size > 0
 

@@ -87,6 +87,16 @@ def test_unknown_name_is_a_clear_error():
         loading.load_prior("no-such-prior")
 
 
+def test_a_retired_prior_name_says_what_replaced_it_and_how_to_recover_it():
+    # ct-phantom was shipped until 2026-12-06; recorded commands name it. The error must name the successor (which
+    # is shipped) and a commit that still holds the old files, not just "unknown prior".
+    for name, (successor, _, recover) in loading.RETIRED_PRIORS.items():
+        assert name not in loading.shipped_priors() and successor in loading.shipped_priors()
+        with pytest.raises(ValueError, match=f"replaced by '{successor}'.*git show"):
+            loading.load_prior(name)
+        assert f"weights/{name}.json" in recover
+
+
 def test_shipped_priors_are_registered(exported, tmp_path, monkeypatch):
     # A prior dropped into the weights folder is listed by invdiff.list_priors() and loads by name.
     folder = tmp_path / "weights"

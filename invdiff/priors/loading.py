@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
+# Shipped priors that were replaced: asking for one by name says what replaced it and where its weights still are,
+# rather than "unknown prior" (scripts and recorded commands name them).
+RETIRED_PRIORS = {
+    "ct-phantom": ("ct-phantom-anatomy", "2026-12-06",
+                   "git show 2f65a9c:invdiff/priors/weights/ct-phantom.json > ct-phantom.json (and the same "
+                   "for ct-phantom.safetensors)"),
+}
+
 TOKEN_PRIOR_FORMAT = "invdiff-token-prior"      # the "format" of a token prior's JSON (invdiff.priors.tokens)
 
 
@@ -61,6 +69,11 @@ def resolve_prior_files(name_or_path) -> tuple[Path, Path]:
         return WEIGHTS_DIR / f"{text}.json", WEIGHTS_DIR / f"{text}.safetensors"
     if path.with_suffix(".json").is_file() and path.with_suffix(".safetensors").is_file():
         return path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if text in RETIRED_PRIORS:
+        successor, date, recover = RETIRED_PRIORS[text]
+        raise ValueError(f"prior {text!r} is no longer shipped: it was replaced by {successor!r} on {date} "
+                         f"(README, 'Shipped priors'); to rerun old results, recover its two files from the "
+                         f"repository's history, `{recover}`, and pass the .json path")
     shipped = ", ".join(shipped_priors()) or "none"
     raise ValueError(f"prior {text!r} is neither a shipped prior ({shipped}) nor a path to an exported "
                      f"prior (<name>.json next to <name>.safetensors)")
