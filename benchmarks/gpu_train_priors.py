@@ -15,7 +15,9 @@ Steps, each with its own time limit (a failed step is recorded and the next one 
 1. ``calibrate``: both recipes train side by side for ``--calibrate-minutes``; their seconds per step set
    ``--steps`` (and the cosine's length) so that the real runs end their schedules inside ``--minutes``;
 2. ``train``: both runs side by side (``--device cuda --bf16``, batch ``--batch``), capped by ``--max-minutes``,
-   exported to ``--out`` as ``brain-mri-gpu`` and ``ct-anatomy-gpu`` (safetensors + JSON with the commands);
+   exported to ``--out`` as ``brain-mri-gpu`` and ``ct-phantom-anatomy-gpu`` (safetensors + JSON with the
+   commands). The brain run is the resolution-aware recipe from scratch; the CT run continues the shipped CT prior
+   (``--init``, same architecture): on the CPU that beat the anatomical source trained from scratch on real CT;
 3. ``brain-eval``: ``invdiff compare`` on the shipped T1 and EPI multislice samples at 4x and 8x: RED-Diff with
    the new and the shipped prior, L1-wavelet and TV (same masks, maps, seeds);
 4. ``ct-tune``: RED-Diff with the new CT prior on eight fresh ``ct-anatomy`` phantoms (seeds 5000-5007, 30
@@ -53,18 +55,24 @@ CT_TUNING_SEEDS = "5000-5007"
 CT_GRID = ((1e3, 1.0), (3e3, 1.0), (1e3, 0.3), (3e3, 0.3))      # (lam, sigma_max) for the new CT prior
 
 
+SHIPPED_CT_PRIOR = REPO / "invdiff" / "priors" / "weights" / "ct-phantom-anatomy.json"
+
+
 def recipes(batch: int) -> dict[str, dict]:
-    """The two CPU recipes of the unshipped priors (their JSONs' commands), batch raised for the GPU.
+    """The CPU recipes (their JSONs' commands), batch raised for the GPU. Brain: ``brain-mri-scales`` from scratch.
+    CT: the shipped ``ct-phantom-anatomy`` trained on (warm start, ``init``; its architecture and sigma_data),
+    the recipe that made it, since the same source from scratch lost on real CT on the CPU.
 
     ``cost``: CPU seconds per training image of the source on one core (CPU runs' loss.jsonl, data_sec_per_step /
     batch: 3 ms brain, 13.5 ms CT), used to split the data workers between the runs."""
-    common = ["--size", "64", "--batch", str(batch), "--lr", "2e-4", "--warmup-steps", "500", "--lr-schedule",
-              "cosine", "--lr-floor", "0.1", "--attention", "--spacing-conditioning", "--seed", "0"]
+    schedule = ["--size", "64", "--batch", str(batch), "--lr-schedule", "cosine", "--lr-floor", "0.1", "--seed", "0"]
     return {
-        "brain": {"name": "brain-mri-gpu", "cost": 0.003,
-                  "args": ["--data", "mni-brain-scales", "--channels", "2", "--default-spacing-mm", "1.0", *common]},
-        "ct": {"name": "ct-anatomy-gpu", "cost": 0.0135,
-               "args": ["--data", "ct-anatomy", "--channels", "1", "--default-spacing-mm", "2.0", *common]},
+        "brain": {"name": "brain-mri-gpu", "cost": 0.003, "init": None,
+                  "args": ["--data", "mni-brain-scales", "--channels", "2", "--default-spacing-mm", "1.0", *schedule,
+                           "--lr", "2e-4", "--warmup-steps", "500", "--attention", "--spacing-conditioning"]},
+        "ct": {"name": "ct-phantom-anatomy-gpu", "cost": 0.0135, "init": str(SHIPPED_CT_PRIOR),
+               "args": ["--data", "ct-anatomy", "--channels", "1", "--sigma-data", "0.5", *schedule,
+                        "--lr", "1e-4", "--warmup-steps", "100"]},
     }
 
 
@@ -166,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     hardware = ["--device", device, "--no-progress", "--threads", "1"] + ([] if smoke else ["--bf16"])
 
     def train_argv(key: str, run: Path, extra: list[str]) -> list[str]:
-        return [py, "-m", "invdiff.priors.train", *plan[key]["args"], *tiny, *hardware,
+        # the smoke run's tiny network cannot take the shipped weights: it trains the same recipe from scratch
+        init = ["--init", plan[key]["init"]] if plan[key]["init"] and not smoke else []
+        return [py, "-m", "invdiff.priors.train", *plan[key]["args"], *init, *tiny, *hardware,
                 "--data-workers", str(workers[key]), "--out", str(run), *extra]
 
     # 0. the brain source's files must all be there: without the real MR volumes it would train on less, quietly

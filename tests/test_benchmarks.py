@@ -5,6 +5,7 @@ The report must hold, per (solver, task) row: wall and network seconds, the over
 fractions lie in [0, 1] and NFE equals the steps for diffusion solvers (0 for classical ones). About 10 s.
 """
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,21 @@ def test_gpu_train_priors_splits_workers_by_cost_and_reads_the_speed(tmp_path):
     assert script.seconds_per_step(tmp_path) == pytest.approx(0.3)     # start-up record left out
 
 
+def test_gpu_train_priors_ct_recipe_warm_starts_the_shipped_prior(tmp_path):
+    # The GPU's CT run continues the shipped prior: its arguments must give the shipped architecture (else --init
+    # refuses) and train. One step at 16 px on the CPU proves both.
+    script = load_script("benchmarks/gpu_train_priors.py", "gpu_train_priors")
+    recipe = script.recipes(batch=2)["ct"]
+    assert Path(recipe["init"]).is_file()
+    from invdiff.priors import train as T
+
+    assert T.main([*recipe["args"], "--init", recipe["init"], "--size", "16", "--steps", "1", "--threads", "1",
+                   "--no-progress", "--out", str(tmp_path / "run"), "--export", "warm",
+                   "--export-dir", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "warm.json").read_text())
+    assert meta["warm_start_from"]["name"] == "ct-phantom-anatomy" and meta["sigma_data"] == 0.5
+
+
 @pytest.mark.slow
 def test_gpu_train_priors_cpu_smoke_trains_exports_and_reports(tmp_path):
     # Every step of the GPU script, tiny, on the CPU (about 3 minutes): training with a data worker, export,
@@ -65,7 +81,7 @@ def test_gpu_train_priors_cpu_smoke_trains_exports_and_reports(tmp_path):
     script = load_script("benchmarks/gpu_train_priors.py", "gpu_train_priors")
     assert script.main(["--cpu-smoke", "--out", str(tmp_path), "--priors", "ct"]) == 0
     report = json.loads(next(tmp_path.glob("gpu_train_priors-*-cpu-smoke.json")).read_text())
-    assert report["trained"]["ct"]["steps"] == 3 and (tmp_path / "ct-anatomy-gpu.safetensors").is_file()
+    assert report["trained"]["ct"]["steps"] == 3 and (tmp_path / "ct-phantom-anatomy-gpu.safetensors").is_file()
     assert {r["prior"] for r in report["tables"]["ct_tune"]} == {"new", "shipped"}
     assert report["ct_chosen"] is not None and not report["tables"]["brain"]
 
