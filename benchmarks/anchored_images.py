@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     from benchmarks.reports import write_json_and_markdown
 
     text = markdown(report)
-    write_json_and_markdown(stem.parent, stem.name, report, text, json_default=str)
+    write_json_and_markdown(stem.parent, stem.with_suffix("").name, report, text, json_default=str)
     print(text)
     return 0
 

@@ -37,13 +37,15 @@ Held-out images (never used in training; ``invdiff.datasets.training`` refuses t
 Old vs new (issue 15 / 21): ``--prior-only`` skips the (slow, prior-independent) baseline tuning;
 ``--whole-head`` adds the one-step relative error ``||D(x + sigma n, sigma) - x|| / ||x||`` at sigma 0.5, 1, 2, 5
 (prior scale) on whole-head views of the held-out brain images (each slice padded square and area-shrunk to
-64 px, so the pixel spacing is its own times side / 64); ``--ct-source ct-anatomy`` uses fresh anatomical
-phantoms (seeds 2**62 + k, at 2 mm, 128 px) instead of the ellipse phantoms; ``--real-ct DIR`` adds real CT
+64 px, so the pixel spacing is its own times side / 64); ``--ct-source`` picks the CT test phantoms: fresh anatomical
+ones (``ct-anatomy``, the default since the shipped CT prior was fine-tuned on them; seeds 2**62 + k, at 2 mm,
+128 px) or the ellipse-style ``ct-phantoms`` of the former prior; ``--real-ct DIR`` adds real CT
 slices (``*.npy`` in HU, resized to 128 px; ``DIR/spacing.json`` maps a stem to its mm / pixel), never used in
 training or tuning. A spacing-conditioned prior is called at each image's spacing (``prior.at_spacing``).
 
     python -m benchmarks.prior_denoising --brain runs/export/brain.json --ct runs/export/ct.json --prior-only \
-        --whole-head --ct-source ct-anatomy --real-ct runs/realct --out runs/eval/new
+        --whole-head --real-ct runs/realct --out runs/eval/new
+    python -m benchmarks.prior_denoising --brain skip --real-ct runs/realct    # the README's CT row (2026-12-06)
 """
 from __future__ import annotations
 
@@ -431,7 +433,7 @@ def save_examples(path: Path, prior_name: str, tests: list[HeldOutImage], prior,
 
 
 def run(brain: str | None, ct: str | None, *, quick: bool, figures: Path | None, baselines: bool = True,
-        whole_head: bool = False, ct_source: str = "ct-phantoms", real_ct: Path | None = None) -> dict:
+        whole_head: bool = False, ct_source: str = "ct-anatomy", real_ct: Path | None = None) -> dict:
     from invdiff.priors.loading import load_prior
 
     budget = GridSearch(7, 5) if quick else GridSearch()
@@ -541,7 +543,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prior-only", action="store_true", help="skip the TV / wavelet tuning (old vs new runs)")
     parser.add_argument("--whole-head", action="store_true",
                         help="also the one-step relative error at sigma 0.5-5 on whole-head views of the brain images")
-    parser.add_argument("--ct-source", choices=("ct-phantoms", "ct-anatomy"), default="ct-phantoms",
+    parser.add_argument("--ct-source", choices=("ct-phantoms", "ct-anatomy"), default="ct-anatomy",
                         help="which procedural phantoms the CT prior is tested on (fresh seeds 2**62 + k)")
     parser.add_argument("--real-ct", type=Path, default=None, help="folder of real CT slices (*.npy, HU)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")

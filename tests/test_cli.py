@@ -254,6 +254,12 @@ def test_info_takes_a_prior_path_and_help_shows_defaults(capsys):
     assert "--device" in text and "(default: 16)" in text and "--spacing-mm" in text
 
 
+def test_info_on_a_retired_prior_names_its_successor(capsys):
+    assert main(["info", "ct-phantom"]) == 2
+    err = capsys.readouterr().err
+    assert "replaced by 'ct-phantom-anatomy'" in err and "git show" in err
+
+
 def test_sample_prior_on_the_cpu_device(tmp_path, capsys):
     png = tmp_path / "grid.png"
     assert main(["sample-prior", "ct-phantom-anatomy", "--n", "2", "--size", "16", "--steps", "2", "--device", "cpu",

@@ -1,5 +1,8 @@
 """Loading exported priors: sha256 check, strict keys, shipped-name registration; unconditional sampling."""
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from invdiff.priors import train as T
 from invdiff.priors.base import Denoiser
 from invdiff.priors.unconditional import sample_unconditional, save_sample_grid
 from invdiff.priors.unet import EDMUNet, UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 
@@ -90,11 +95,17 @@ def test_unknown_name_is_a_clear_error():
 def test_a_retired_prior_name_says_what_replaced_it_and_how_to_recover_it():
     # ct-phantom was shipped until 2026-12-06; recorded commands name it. The error must name the successor (which
     # is shipped) and a commit that still holds the old files, not just "unknown prior".
+    assert "ct-phantom" in loading.RETIRED_PRIORS
     for name, (successor, _, recover) in loading.RETIRED_PRIORS.items():
         assert name not in loading.shipped_priors() and successor in loading.shipped_priors()
         with pytest.raises(ValueError, match=f"replaced by '{successor}'.*git show"):
             loading.load_prior(name)
-        assert f"weights/{name}.json" in recover
+        # In a git checkout, the commit named in the message must still hold the retired files.
+        revision = recover.split()[2]                           # "git show <commit>:<path> > ..."
+        if (REPO / ".git").exists() and shutil.which("git"):
+            for suffix in (".json", ".safetensors"):
+                found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", revision.replace(".json", suffix)])
+                assert found.returncode == 0, revision
 
 
 def test_shipped_priors_are_registered(exported, tmp_path, monkeypatch):

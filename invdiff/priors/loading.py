@@ -26,7 +26,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # rather than "unknown prior" (scripts and recorded commands name them).
 RETIRED_PRIORS = {
     "ct-phantom": ("ct-phantom-anatomy", "2026-12-06",
-                   "git show 2f65a9c:invdiff/priors/weights/ct-phantom.json > ct-phantom.json (and the same "
+                   "git show 2f65a9c55b2da939727b0432f43307963ed93f86:invdiff/priors/weights/ct-phantom.json > ct-phantom.json (and the same "
                    "for ct-phantom.safetensors)"),
 }
 
