@@ -94,9 +94,9 @@ TUNED: dict[str, dict[str, dict[str, Tuned]]] = {
         "dps": {"zeta": Tuned(0.03, f"swept 0.003 / 0.01 / 0.03 / 0.1 on CT tuning phantom 1; {_SWEEP}; 0.01 / 0.03 "
                                     "/ 0.1 / 0.3 on 8 ct-anatomy phantoms (30 views): 17.72 / 24.98 / 27.46 / 19.85 "
                                     "dB, SSIM 0.333 / 0.756 / 0.602 / 0.350")},
-        # DiffPIR's data step weights the denoised image by rho_t = lam sigma_y^2 / sigma^2 against ||y - A x||^2;
-        # the CT operator is unnormalised (||A||^2 ~100x the normalised MRI one), so the paper's lam 7 leans on the
-        # prior far more than on MRI and 0.5 fits better.
+        # DiffPIR's data step weights the denoised image by rho_t = lam sigma_y^2 / sigma^2 against ||y - A x||^2
+        # (30 CG iterations from the denoised image). On 30-view CT a weaker pull than the paper's lam 7 is better,
+        # down to 0.5; below that the data term's noise comes through (an empirical optimum, not derived).
         "diffpir": {"lam": Tuned(0.5, "swept 0.1 / 0.25 / 0.5 / 1 / 2 / 7 / 20 on 8 ct-anatomy phantoms seeds "
                                       "5000-5007 (30 views, shipped prior): 32.14 / 32.89 / 33.06 / 32.87 / 32.37 / "
                                       "30.88 / 29.32 dB; benchmarks/results/ct_phantom_anatomy_finetune-2026-12-06-"
