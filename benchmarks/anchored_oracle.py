@@ -21,16 +21,20 @@ import argparse
 import datetime
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from invdiff.io import atomic_open, atomic_write_json
-from invdiff.operators.matrix import MatrixOperator
-from invdiff.priors.tokens_oracle import DiscreteOracle, total_variation
-from invdiff.problem import InverseProblem
-from invdiff.samplers.anchored import sample_aps, sample_masked_diffusion
+if __package__ in (None, ""):                  # `python benchmarks/anchored_oracle.py` as well as `python -m ...`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
+from invdiff.operators.matrix import MatrixOperator  # noqa: E402
+from invdiff.priors.tokens_oracle import DiscreteOracle, total_variation  # noqa: E402
+from invdiff.problem import InverseProblem  # noqa: E402
+from invdiff.samplers.anchored import sample_aps, sample_masked_diffusion  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -148,13 +152,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_pair(stem: Path, report, text: str) -> None:
-    """``<stem>.json`` and ``<stem>.md``, each atomically (this script runs without the benchmarks package)."""
-    atomic_write_json(stem.with_suffix(".json"), report, indent=1)
-    with atomic_open(stem.with_suffix(".md"), "w") as handle:
-        handle.write(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small cases, 300 runs")
@@ -173,18 +170,16 @@ def main(argv=None) -> int:
     if args.sweep:
         rows = sweep(cases)
         stem = Path(args.out) if args.out else RESULTS / f"anchored_oracle-{date}-sweep"
-        stem.parent.mkdir(parents=True, exist_ok=True)
         text = sweep_markdown(rows, "python benchmarks/anchored_oracle.py --sweep")
-        write_pair(stem, rows, text)
+        write_json_and_markdown(stem.parent, stem.with_suffix("").name, rows, text)
         print(text)
         return 0
     report = {"date": date, "command": "python benchmarks/anchored_oracle.py" + (" --quick" if args.quick else ""),
               "runs": runs, "torch": torch.__version__, "machine": platform.machine(),
               "cases": [run_case(*case, runs) for case in cases]}
     stem = Path(args.out) if args.out else RESULTS / f"anchored_oracle-{date}{'-quick' if args.quick else ''}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
-    write_pair(stem, report, text)
+    write_json_and_markdown(stem.parent, stem.with_suffix("").name, report, text)
     print(text)
     return 0
 

@@ -32,20 +32,25 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from invdiff.errors import UnsupportedOperatorError
-from invdiff.io import atomic_open, atomic_write_json
-from invdiff.metrics_distributions import sliced_wasserstein
-from invdiff.operators.inpainting import Inpainting
-from invdiff.operators.matrix import MatrixOperator
-from invdiff.priors.analytic import GaussianMixturePrior, GaussianPrior, grid_mixture_25
-from invdiff.problem import InverseProblem, simulate
-from invdiff.registry import get_solver, list_solvers
-from invdiff.samplers.smc import sample_smc
+if __package__ in (None, ""):                  # `python benchmarks/posterior_fidelity.py` as well as `python -m ...`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
+from invdiff.errors import UnsupportedOperatorError  # noqa: E402
+from invdiff.io import atomic_open  # noqa: E402
+from invdiff.metrics_distributions import sliced_wasserstein  # noqa: E402
+from invdiff.operators.inpainting import Inpainting  # noqa: E402
+from invdiff.operators.matrix import MatrixOperator  # noqa: E402
+from invdiff.priors.analytic import GaussianMixturePrior, GaussianPrior, grid_mixture_25  # noqa: E402
+from invdiff.problem import InverseProblem, simulate  # noqa: E402
+from invdiff.registry import get_solver, list_solvers  # noqa: E402
+from invdiff.samplers.smc import sample_smc  # noqa: E402
 
 log = logging.getLogger("benchmarks.posterior_fidelity")
 F64 = torch.float64
@@ -357,12 +362,9 @@ def sweep_main(args) -> dict:
                                        [float(v) for v in args.sigma_ys.split(",")], particles, methods, args.steps,
                                        args.seed)}
     report["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"posterior_fidelity-{args.date}-sweep{args.tag}"
-    atomic_write_json(stem.with_suffix(".json"), report)
-    with atomic_open(stem.with_suffix(".md")) as handle:
-        handle.write(sweep_markdown(report))
-    log.info("wrote %s.json and .md", stem)
+    stem = f"posterior_fidelity-{args.date}-sweep{args.tag}"
+    write_json_and_markdown(args.out, stem, report, sweep_markdown(report))
+    log.info("wrote %s.json and .md", args.out / stem)
     return report
 
 
@@ -466,12 +468,9 @@ def main(argv=None) -> dict:
                                           steps=40 if args.quick else 120, particles=200 if args.quick else 2000)
     report["seconds"] = time.perf_counter() - start
     report["cpu_seconds"] = time.process_time() - cpu_start
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"posterior_fidelity-{report['date']}{'-quick' if args.quick else ''}"
-    atomic_write_json(stem.with_suffix(".json"), report)
-    with atomic_open(stem.with_suffix(".md")) as handle:
-        handle.write(markdown(report))
-    log.info("wrote %s.json and .md", stem)
+    stem = f"posterior_fidelity-{report['date']}{'-quick' if args.quick else ''}"
+    write_json_and_markdown(args.out, stem, report, markdown(report))
+    log.info("wrote %s.json and .md", args.out / stem)
     return report
 
 

@@ -26,18 +26,22 @@ import datetime
 import logging
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import invdiff
-from invdiff.io import atomic_open, atomic_write_json
-from invdiff.metrics_distributions import sliced_wasserstein
-from invdiff.operators.matrix import MatrixOperator
-from invdiff.priors.analytic import two_mode_mixture
-from invdiff.problem import InverseProblem
-from invdiff.samplers.reddiff import sample_reddiff
+if __package__ in (None, ""):                  # `python benchmarks/reddiff_oracle.py` as well as `python -m ...`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.reports import write_json_and_markdown  # noqa: E402
+import invdiff  # noqa: E402
+from invdiff.metrics_distributions import sliced_wasserstein  # noqa: E402
+from invdiff.operators.matrix import MatrixOperator  # noqa: E402
+from invdiff.priors.analytic import two_mode_mixture  # noqa: E402
+from invdiff.problem import InverseProblem  # noqa: E402
+from invdiff.samplers.reddiff import sample_reddiff  # noqa: E402
 
 log = logging.getLogger("benchmarks.reddiff_oracle")
 F64 = torch.float64
@@ -148,12 +152,9 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "machine": platform.machine(), "cases": {}}
     for kind in ("symmetric", "tilted"):
         report["cases"][kind] = run_case(kind, chains, exact_size, variants, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"reddiff_oracle-{report['date']}{'-quick' if args.quick else ''}"
-    atomic_write_json(stem.with_suffix(".json"), report)
-    with atomic_open(stem.with_suffix(".md"), "w") as handle:
-        handle.write(markdown(report))
-    log.info("wrote %s.json and .md", stem)
+    stem = f"reddiff_oracle-{report['date']}{'-quick' if args.quick else ''}"
+    write_json_and_markdown(args.out, stem, report, markdown(report))
+    log.info("wrote %s.json and .md", args.out / stem)
     return report
 
 
