@@ -55,7 +55,8 @@ CT_TUNING_SEEDS = "5000-5007"
 CT_GRID = ((1e3, 1.0), (3e3, 1.0), (1e3, 0.3), (3e3, 0.3))      # (lam, sigma_max) for the new CT prior
 
 
-SHIPPED_CT_PRIOR = REPO / "invdiff" / "priors" / "weights" / "ct-phantom-anatomy.json"
+SHIPPED_CT = "ct-phantom-anatomy"
+SHIPPED_CT_PRIOR = REPO / "invdiff" / "priors" / "weights" / f"{SHIPPED_CT}.json"
 
 
 def recipes(batch: int) -> dict[str, dict]:
@@ -70,7 +71,7 @@ def recipes(batch: int) -> dict[str, dict]:
         "brain": {"name": "brain-mri-gpu", "cost": 0.003, "init": None,
                   "args": ["--data", "mni-brain-scales", "--channels", "2", "--default-spacing-mm", "1.0", *schedule,
                            "--lr", "2e-4", "--warmup-steps", "500", "--attention", "--spacing-conditioning"]},
-        "ct": {"name": "ct-phantom-anatomy-gpu", "cost": 0.0135, "init": str(SHIPPED_CT_PRIOR),
+        "ct": {"name": f"{SHIPPED_CT}-gpu", "cost": 0.0135, "init": str(SHIPPED_CT_PRIOR),
                "args": ["--data", "ct-anatomy", "--channels", "1", "--sigma-data", "0.5", *schedule,
                         "--lr", "1e-4", "--warmup-steps", "100"]},
     }
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 if rows and (best is None or rows[0]["psnr"] > best[0]):
                     best = (rows[0]["psnr"], lam, sigma_max)
         out = work / "ct-tune-shipped"
-        if step("ct-tune-shipped", [*compare_ct, *tuned, "--solvers", "reddiff,tv", "--prior", "ct-phantom-anatomy",
+        if step("ct-tune-shipped", [*compare_ct, *tuned, "--solvers", "reddiff,tv", "--prior", SHIPPED_CT,
                                     "--out", str(out)], 150):
             tables["ct_tune"] += [dict(r, prior="shipped") for r in rows_of(out / "compare.json")]
         chosen = report["ct_chosen"] = None if best is None else {"lam": best[1], "sigma_max": best[2]}
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, prior, solvers, extra in (
                     ("new", str(exported["ct"]), "reddiff", ["--set", f"reddiff:lam={chosen['lam']:g}", "--set",
                                                              f"reddiff:sigma_max={chosen['sigma_max']:g}"]),
-                    ("shipped", "ct-phantom-anatomy", "reddiff,tv,l1-wavelet", [])):
+                    ("shipped", SHIPPED_CT, "reddiff,tv,l1-wavelet", [])):
                 out = work / f"ct-real-{label}"
                 if step(f"ct-real-{label}", [*compare_ct, "--data", str(REAL_CT), "--phantoms", "0,1,2", "--solvers",
                                              solvers, "--prior", prior, *extra, "--out", str(out)], 240):

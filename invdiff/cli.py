@@ -90,13 +90,10 @@ def _cmd_info(args) -> int:
         print(json.dumps({**prior_record(prior), "metadata": getattr(prior, "metadata", None)}, indent=2,
                          sort_keys=True, default=str))
     else:
-        from invdiff.priors.loading import RETIRED_PRIORS, resolve_prior_files
+        from invdiff.priors.loading import RETIRED_PRIORS, retired_prior_message
 
         if name in RETIRED_PRIORS:
-            try:
-                resolve_prior_files(name)           # raises, saying what replaced it and where its files are
-            except ValueError as err:
-                raise InputError(str(err)) from None
+            raise InputError(retired_prior_message(name))
         raise InputError(f"no operator, solver or prior named {name!r} (see `invdiff list`)")
     return 0
 

@@ -59,6 +59,14 @@ def shipped_token_priors() -> list[str]:
     return _shipped(token=True)
 
 
+def retired_prior_message(name: str) -> str:
+    """What to tell someone who asks for a retired shipped prior by name (``name`` in :data:`RETIRED_PRIORS`)."""
+    successor, date, recover = RETIRED_PRIORS[name]
+    return (f"prior {name!r} is no longer shipped: it was replaced by {successor!r} on {date} (README, 'Shipped "
+            f"priors'); to rerun old results, recover its two files from the repository's history, `{recover}`, "
+            f"and pass the .json path")
+
+
 def resolve_prior_files(name_or_path) -> tuple[Path, Path]:
     """``(json_path, safetensors_path)`` for a shipped name or a path to either file of an exported prior."""
     text = str(name_or_path)
@@ -70,10 +78,7 @@ def resolve_prior_files(name_or_path) -> tuple[Path, Path]:
     if path.with_suffix(".json").is_file() and path.with_suffix(".safetensors").is_file():
         return path.with_suffix(".json"), path.with_suffix(".safetensors")
     if text in RETIRED_PRIORS:
-        successor, date, recover = RETIRED_PRIORS[text]
-        raise ValueError(f"prior {text!r} is no longer shipped: it was replaced by {successor!r} on {date} "
-                         f"(README, 'Shipped priors'); to rerun old results, recover its two files from the "
-                         f"repository's history, `{recover}`, and pass the .json path")
+        raise ValueError(retired_prior_message(text))
     shipped = ", ".join(shipped_priors()) or "none"
     raise ValueError(f"prior {text!r} is neither a shipped prior ({shipped}) nor a path to an exported "
                      f"prior (<name>.json next to <name>.safetensors)")
